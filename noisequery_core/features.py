@@ -1,0 +1,81 @@
+"""Turning images into library rows: colour features, CLIP embeddings and thumbnails.
+
+Split in two halves so callers can overlap them: ``prepare`` (decode-side CPU work,
+thread-safe, runs in worker threads) and ``finish`` (the CLIP forward pass, one batch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from . import color
+from .clip import ClipEmbedder
+from .manifest import FeatureSet
+from .storage import encode_thumbnail
+
+
+@dataclass
+class Prepared:
+    stats: np.ndarray
+    hist: np.ndarray
+    layout: np.ndarray
+    regions: np.ndarray
+    pixels: Any  # CLIP-preprocessed tensor [3, S, S] or None
+    thumbnail: bytes | None
+
+
+def feature_set(embedder: ClipEmbedder | None, *, thumbnail_size: int = 256, thumbnail_format: str = "webp") -> FeatureSet:
+    if thumbnail_format.lower() not in ("webp", "jpg"):
+        from .errors import NoiseQueryError
+
+        raise NoiseQueryError(f"Thumbnail format {thumbnail_format!r} is not supported; use 'webp' or 'jpg'.")
+    if thumbnail_size < 0:
+        from .errors import NoiseQueryError
+
+        raise NoiseQueryError(f"Thumbnail size {thumbnail_size} must be 0 (none) or a positive number of pixels.")
+    return FeatureSet(
+        clip=embedder.identity if embedder is not None else None,
+        color_version=color.COLOR_VERSION,
+        thumbnail_size=int(thumbnail_size),
+        thumbnail_format=thumbnail_format.lower(),
+    )
+
+
+class FeatureExtractor:
+    """Computes every column of a library row for a batch of images."""
+
+    def __init__(self, features: FeatureSet, embedder: ClipEmbedder | None):
+        if (features.clip is None) != (embedder is None):
+            raise ValueError("the embedder must be given exactly when the feature set has CLIP")
+        self.features = features
+        self.embedder = embedder
+
+    def prepare(self, image: Image.Image) -> Prepared:
+        """CPU work for one decoded image (thread-safe)."""
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        stats, hist, layout, regions = color.analyse_one(color.prepare(image))
+        pixels = self.embedder.preprocess(image) if self.embedder is not None else None
+        return Prepared(stats, hist, layout, regions, pixels, encode_thumbnail(image, self.features))
+
+    def finish(self, prepared: Sequence[Prepared]) -> tuple[dict[str, np.ndarray], list[bytes | None]]:
+        """Run the CLIP model on a prepared batch; returns (columns, thumbnails) for LibraryWriter.append."""
+        cols: dict[str, np.ndarray] = {
+            "stats": np.stack([p.stats for p in prepared]),
+            "hist": np.stack([p.hist for p in prepared]),
+            "layout": np.stack([p.layout for p in prepared]),
+            "regions": np.stack([p.regions for p in prepared]),
+        }
+        if self.embedder is not None:
+            import torch
+
+            cols["clip"] = self.embedder.encode_images(torch.stack([p.pixels for p in prepared])).astype(np.float16)
+        return cols, [p.thumbnail for p in prepared]
+
+    def __call__(self, images: Sequence[Image.Image]) -> tuple[dict[str, np.ndarray], list[bytes | None]]:
+        return self.finish([self.prepare(im) for im in images])

@@ -1,0 +1,86 @@
+"""Session fixtures for host tests: ComfyUI checkout, tiny SD1.5 checkpoint, ComfyUI in-process and as a server."""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+import comfy_harness
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+PACK_NAME = "NoiseQuery"  # name the project pack is loaded under (module name, /extensions/<name>/ URL)
+DUMMY_PACK_NAME = "nq_harness_dummy"
+
+
+@pytest.fixture(scope="session")
+def comfy_path() -> Path:
+    """The ComfyUI checkout ($COMFYUI_PATH or ~/ComfyUI); skips the test when there is none."""
+    path = comfy_harness.find_comfyui()
+    if path is None:
+        pytest.skip(comfy_harness.SKIP_REASON)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(comfy_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Path of the tiny random SD1.5 checkpoint (<tmp>/checkpoints/tiny_sd15.safetensors), made once per session."""
+    ckpt_dir = tmp_path_factory.mktemp("models") / "checkpoints"
+    return comfy_harness.make_tiny_sd15_checkpoint(ckpt_dir / comfy_harness.TINY_CKPT_NAME, comfy_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt_name(tiny_checkpoint: Path) -> str:
+    """The ckpt_name CheckpointLoaderSimple knows the tiny checkpoint by."""
+    return tiny_checkpoint.name
+
+
+@pytest.fixture(scope="session")
+def dummy_pack(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A one-node V3 pack (node NQHarnessEcho) proving that pack loading works."""
+    return comfy_harness.write_dummy_pack(tmp_path_factory.mktemp("packs") / DUMMY_PACK_NAME)
+
+
+@pytest.fixture(scope="session")
+def comfy_packs(dummy_pack: Path) -> dict[str, Path]:
+    """Packs to load, name -> dir: the dummy pack, plus this repo as PACK_NAME once it has an __init__.py."""
+    packs = {DUMMY_PACK_NAME: dummy_pack}
+    if (REPO_ROOT / "__init__.py").is_file():
+        packs[PACK_NAME] = REPO_ROOT
+    return packs
+
+
+@pytest.fixture(scope="session")
+def comfy_nodes(comfy_path: Path, tiny_checkpoint: Path, comfy_packs: dict[str, Path],
+                tmp_path_factory: pytest.TempPathFactory) -> ModuleType:
+    """ComfyUI's `nodes` module, booted in this process (builtin nodes + comfy_packs, tiny checkpoint listed)."""
+    return comfy_harness.boot_inprocess(
+        comfy_path,
+        extra_model_dirs={"checkpoints": tiny_checkpoint.parent},
+        custom_node_paths=comfy_packs,
+        io_dir=tmp_path_factory.mktemp("comfy_io"),
+    )
+
+
+@pytest.fixture(scope="session")
+def comfy_runner(comfy_nodes: ModuleType) -> comfy_harness.InProcessRunner:
+    """Runs API-format graphs in-process through ComfyUI's validate_prompt + PromptExecutor."""
+    return comfy_harness.InProcessRunner(comfy_nodes)
+
+
+@pytest.fixture(scope="session")
+def comfy_server(comfy_path: Path, tiny_checkpoint: Path, comfy_packs: dict[str, Path],
+                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[comfy_harness.ComfyServer]:
+    """A running headless ComfyUI (--cpu) with comfy_packs and the tiny checkpoint; stopped at session end."""
+    server = comfy_harness.ComfyServer(
+        comfy_path,
+        packs=comfy_packs,
+        model_dirs={"checkpoints": tiny_checkpoint.parent},
+        workdir=tmp_path_factory.mktemp("comfy_server"),
+    )
+    with server:
+        yield server
