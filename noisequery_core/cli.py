@@ -101,8 +101,8 @@ def cmd_search(args: argparse.Namespace) -> Any:
         from PIL import Image
 
         try:
-            with Image.open(args.like_image) as im:
-                im = im.convert("RGB")
+            with Image.open(args.like_image) as f:
+                im = f.convert("RGB")
         except OSError as exc:
             raise NoiseQueryError(f"--like-image {args.like_image}: cannot read the image ({exc}).") from None
         layout = color.analyse([im]).layout[0]

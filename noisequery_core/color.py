@@ -106,8 +106,7 @@ def srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
         [[0.4124564, 0.3575761, 0.1804375], [0.2126729, 0.7151522, 0.0721750], [0.0193339, 0.1191920, 0.9503041]],
         dtype=np.float32,
     )
-    xyz = lin @ m.T
-    xyz = xyz / np.array([0.95047, 1.0, 1.08883], dtype=np.float32)
+    xyz = (lin @ m.T) / np.array([0.95047, 1.0, 1.08883], dtype=np.float32)
     eps = 216 / 24389
     kappa = 24389 / 27
     f = np.where(xyz > eps, np.cbrt(xyz), (kappa * xyz + 16) / 116)

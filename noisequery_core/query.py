@@ -411,7 +411,7 @@ class Searcher:
         lib = self.library
         rows = cand[top]
         order = np.argsort(rows)
-        if lib.has_clip:
+        if lib.features.clip is not None:
             feats = np.empty((len(rows), lib.features.clip.dim), np.float32)
             feats[order] = np.asarray(lib.column("clip")[rows[order]], dtype=np.float32)
         else:

@@ -33,7 +33,6 @@ from .manifest import (
     FeatureSet,
     GenerationKey,
     Manifest,
-    atomic_write_bytes,
     read_manifest,
     write_manifest,
 )

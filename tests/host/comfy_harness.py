@@ -16,10 +16,10 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from types import ModuleType
-from typing import Any, TypeVar
+from types import ModuleType, TracebackType
+from typing import Any, Self
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,6 @@ TINY_CKPT_SEED = 20240607
 _COMFY_TOP_LEVEL = ("comfy", "nodes", "utils", "folder_paths", "execution", "server", "latent_preview",
                     "comfy_extras", "comfy_api", "comfy_execution", "node_helpers", "app")
 
-_T = TypeVar("_T")
 _STATE: dict[str, Any] = {"comfy_path": None, "booted": False, "packs": {}, "io_root": None}
 _LOCK = threading.RLock()
 
@@ -77,7 +76,8 @@ def _run_coro(coro: Any) -> Any:
     def runner() -> None:
         try:
             box["value"] = asyncio.run(coro)
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+        # re-raised in the caller's thread below
+        except BaseException as exc:  # noqa: BLE001
             box["error"] = exc
 
     t = threading.Thread(target=runner, name="comfy-harness-async")
@@ -120,7 +120,8 @@ def prepare_comfy_imports(comfy_path: PathLike | None = None) -> Path:
                 if "comfy.model_management" in sys.modules:
                     log.warning("comfy.model_management imported before the harness; --cpu may not apply")
                 comfy.cli_args.args.cpu = True
-            import utils.extra_config  # noqa: F401 - must precede `import nodes` (utils vs comfy/utils.py)
+            # utils.extra_config must be imported before `nodes`, or `utils` resolves to comfy/utils.py
+            import utils.extra_config  # noqa: F401
         finally:
             sys.argv = saved_argv
         if not _module_is_inside(sys.modules["utils"], path):
@@ -302,11 +303,11 @@ def _tiny_unet_config() -> dict[str, Any]:
 def tiny_sd15_shapes(comfy_path: PathLike | None = None) -> dict[str, tuple[tuple[int, ...], Any]]:
     """Checkpoint key -> (shape, dtype) from ComfyUI's own SD15 UNet, CLIP-L and TAESD classes (built on meta)."""
     prepare_comfy_imports(comfy_path)
-    import torch
     import comfy.ops
     import comfy.sd1_clip
     import comfy.supported_models
     import comfy.taesd.taesd
+    import torch
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
     model_config = comfy.supported_models.SD15(_tiny_unet_config())
@@ -376,7 +377,8 @@ def make_tiny_sd15_checkpoint(path: PathLike, comfy_path: PathLike | None = None
     t0 = time.perf_counter()
     sd = tiny_sd15_state_dict(comfy_path, seed=seed)
     tmp = out.with_name(out.name + ".part")
-    save_file(sd, str(tmp), metadata={"format": "pt", "noisequery_tiny_sd15_seed": str(seed)})
+    # One metadata entry only: safetensors writes a multi-key metadata map in hash order (random per process).
+    save_file(sd, str(tmp), metadata={"noisequery_tiny_sd15_seed": str(seed)})
     os.replace(tmp, out)
     log.info("wrote %s (%d tensors, %.0f MB) in %.1fs", out, len(sd), out.stat().st_size / 2**20,
              time.perf_counter() - t0)
@@ -511,11 +513,12 @@ class ComfyServer:
         self._session: Any = None
 
     # ---- lifecycle ----
-    def __enter__(self) -> ComfyServer:
+    def __enter__(self) -> Self:
         self.start()
         return self
 
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         died = self.proc is not None and self.proc.poll() is not None
         if exc_type is not None or died:
             log.error("ComfyServer %s (exit %s); log tail:\n%s", "failed" if exc_type else "died",
@@ -559,7 +562,8 @@ class ComfyServer:
         cmd = [*cmd[:2], *_filter_flags(cmd[2:], _supported_flags(self.comfy_path))]
 
         self.log_path = wd / "server.log"
-        self._log_file = open(self.log_path, "wb")
+        # held open for the server's lifetime, closed in stop()
+        self._log_file = open(self.log_path, "wb")  # noqa: SIM115
         env = dict(os.environ if self.env is None else self.env)
         env.setdefault("PYTHONUNBUFFERED", "1")
         log.info("starting ComfyUI: %s", " ".join(cmd))
@@ -668,13 +672,28 @@ class ComfyServer:
             raise ComfyServerError(f"prompt rejected: {json.dumps(pid, indent=1)[:4000]}")
         return self.wait(pid, timeout)
 
-    def get_image(self, filename: str, subfolder: str = "", type: str = "output") -> bytes:  # noqa: A002
+    def get_image(self, filename: str, subfolder: str = "", type: str = "output") -> bytes:
         r = self._http().get(f"{self.url}/view", params={"filename": filename, "subfolder": subfolder,
                                                         "type": type}, timeout=30)
         r.raise_for_status()
         return r.content
 
+    def queue(self) -> dict[str, Any]:
+        """GET /queue: {"queue_running": [...], "queue_pending": [...]}, items are [number, prompt_id, ...]."""
+        r = self._http().get(f"{self.url}/queue", timeout=30)
+        r.raise_for_status()
+        return r.json()
+
+    def wait_running(self, prompt_id: str, timeout: float = 30.0) -> None:
+        """Block until the prompt is the one executing (e.g. before interrupting it)."""
+        deadline = time.monotonic() + timeout
+        while not any(item[1] == prompt_id for item in self.queue()["queue_running"]):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"prompt {prompt_id} not running after {timeout}s")
+            time.sleep(0.05)
+
     def interrupt(self, prompt_id: str | None = None) -> None:
+        """POST /interrupt: stops the running prompt (only if it is `prompt_id`, when given)."""
         body = {"prompt_id": prompt_id} if prompt_id else {}
         self._http().post(f"{self.url}/interrupt", json=body, timeout=30).raise_for_status()
 
@@ -721,9 +740,3 @@ def txt2img_graph(ckpt_name: str, *, seed: int = 0, steps: int = 4, width: int =
         "7": ({"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": prefix}} if save
               else {"class_type": "PreviewImage", "inputs": {"images": ["6", 0]}}),
     }
-
-
-def timed(fn: Callable[[], _T]) -> tuple[_T, float]:
-    t0 = time.perf_counter()
-    value = fn()
-    return value, time.perf_counter() - t0

@@ -6,9 +6,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
-import pytest
-
 import comfy_harness
+import pytest
 
 log = logging.getLogger(__name__)
 

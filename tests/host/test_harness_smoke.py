@@ -7,9 +7,8 @@ import struct
 from pathlib import Path
 from types import ModuleType
 
-import pytest
-
 import comfy_harness
+import pytest
 from comfy_harness import ComfyServer, InProcessRunner
 
 pytestmark = pytest.mark.skipif(comfy_harness.find_comfyui() is None, reason=comfy_harness.SKIP_REASON)
@@ -125,3 +124,14 @@ def test_server_reports_validation_and_execution_errors(comfy_server: ComfyServe
     entry = comfy_server.run({"1": {"class_type": echo, "inputs": {"value": 4, "fail": False}}})
     assert entry["outputs"]["1"]["text"] == ["echo 8"]
     assert not math.isnan(comfy_server.startup_seconds or math.nan)
+
+
+def test_server_interrupt(comfy_server: ComfyServer, tiny_ckpt_name: str) -> None:
+    graph = comfy_harness.txt2img_graph(tiny_ckpt_name, seed=99, steps=500, width=128, height=128, save=False)
+    prompt_id = comfy_server.post_prompt(graph)
+    assert isinstance(prompt_id, str), prompt_id
+    comfy_server.wait_running(prompt_id)
+    comfy_server.interrupt(prompt_id)
+    entry = comfy_server.wait(prompt_id, timeout=60)
+    err = comfy_harness.execution_error(entry)
+    assert err is not None and err["event"] == "execution_interrupted", entry["status"]

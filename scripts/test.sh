@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# README command 2: set up .venv, then lint (ruff), type-check the core (mypy) and run pytest.
+# Real-ComfyUI tests run when a checkout is at $COMFYUI_PATH or ~/ComfyUI, and skip otherwise.
+source "$(dirname "$0")/_env.sh"
+"${PIP[@]}" -r requirements-dev.txt 2>&1 | grep -v "is ignored: it is neither" >&2 || true
+HOST="${COMFYUI_PATH:-$HOME/ComfyUI}"
+if [ -f "$HOST/main.py" ] && [ -f "$HOST/requirements.txt" ]; then
+  echo "[setup] ComfyUI found at $HOST: installing its requirements for the host tests" >&2
+  grep -vE '^(torch|torchvision|torchaudio)([<>=~ ]|$)' "$HOST/requirements.txt" > "$VENV/comfyui-requirements.txt"
+  "${PIP[@]}" -r "$VENV/comfyui-requirements.txt" 2>&1 | grep -v "is ignored: it is neither" >&2 || true
+  export COMFYUI_PATH="$HOST"
+else
+  echo "[setup] no ComfyUI checkout at $HOST: host tests will be skipped (see README 'Tests')" >&2
+fi
+echo "[lint] ruff" >&2
+"$PY" -m ruff check .
+echo "[types] mypy noisequery_core" >&2
+"$PY" -m mypy noisequery_core
+echo "[tests] pytest tests" >&2
+set +e
+"$PY" -m pytest tests "$@"
+rc=$?
+set -e
+if [ "$rc" -eq 5 ]; then
+  echo "pytest collected no tests: that is a failure here" >&2
+  exit 1
+fi
+exit "$rc"
