@@ -1,10 +1,15 @@
 """ComfyUI glue for NoiseQuery (V3 API): thin nodes over noisequery_core.
 
-NODE_CLASSES lists every io.ComfyNode subclass the pack registers. The nodes themselves
-(BuildNoiseLibrary, NoiseQueryText, NoiseQueryColor, HighlightScribbleGuide, …) arrive
-with their issues; until then the pack loads cleanly and registers none.
+NODE_CLASSES lists every io.ComfyNode subclass the pack registers (read by the root
+__init__.py's ComfyExtension). Node ids are permanent: saved workflows store them.
 """
 
 from __future__ import annotations
 
-NODE_CLASSES: list[type] = []
+from . import _host
+from .library_nodes import BuildNoiseLibrary, NoiseQueryLibraryInfo
+from .query_nodes import NoiseQueryColor, NoiseQueryText
+
+_host.register_folders()
+
+NODE_CLASSES: list[type] = [BuildNoiseLibrary, NoiseQueryText, NoiseQueryColor, NoiseQueryLibraryInfo]

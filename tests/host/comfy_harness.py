@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import hashlib
 import json
@@ -177,13 +178,15 @@ def _link_packs(packs: Mapping[str, PathLike] | Sequence[PathLike], link_root: P
 def boot_inprocess(comfy_path: PathLike | None = None,
                    extra_model_dirs: Mapping[str, PathLike] | None = None,
                    custom_node_paths: Mapping[str, PathLike] | Sequence[PathLike] = (),
-                   io_dir: PathLike | None = None) -> ModuleType:
+                   io_dir: PathLike | None = None, with_prompt_server: bool = True) -> ModuleType:
     """Import ComfyUI into this process, register its builtin nodes, load custom node packs; return `nodes`.
 
     - extra_model_dirs: {"checkpoints": dir, ...} added first in ComfyUI's search paths.
     - custom_node_paths: pack dirs loaded with nodes.load_custom_node; a mapping {name: dir} loads each
       through a symlink named `name` (the module/extension name ComfyUI then uses).
-    - io_dir: where output/, temp/, input/ go (default: a fresh temp dir, so the checkout stays clean).
+    - io_dir: where output/, temp/, input/, user/ go (default: a fresh temp dir, so the checkout stays clean).
+    - with_prompt_server: construct (never start) a server.PromptServer first, as main.py does, so code using
+      `PromptServer.instance` (route registration, send_sync) works in-process.
     Idempotent: later calls add model dirs / packs not seen before and return the same module.
     """
     with _LOCK:
@@ -191,12 +194,17 @@ def boot_inprocess(comfy_path: PathLike | None = None,
         import folder_paths
 
         if _STATE["io_root"] is None:
-            root = Path(io_dir).resolve() if io_dir is not None else Path(tempfile.mkdtemp(prefix="comfy_inproc_"))
-            for sub in ("output", "temp", "input", "custom_nodes"):
+            if io_dir is not None:
+                root = Path(io_dir).resolve()
+            else:
+                root = Path(tempfile.mkdtemp(prefix="comfy_inproc_"))
+                atexit.register(shutil.rmtree, root, ignore_errors=True)
+            for sub in ("output", "temp", "input", "user", "custom_nodes"):
                 (root / sub).mkdir(parents=True, exist_ok=True)
             folder_paths.set_output_directory(str(root / "output"))
             folder_paths.set_temp_directory(str(root / "temp"))
             folder_paths.set_input_directory(str(root / "input"))
+            folder_paths.set_user_directory(str(root / "user"))
             _STATE["io_root"] = root
 
         import nodes
@@ -207,6 +215,11 @@ def boot_inprocess(comfy_path: PathLike | None = None,
             import hook_breaker_ac10a0
 
             t0 = time.perf_counter()
+            if with_prompt_server:
+                import server
+
+                if getattr(server.PromptServer, "instance", None) is None:
+                    server.PromptServer(asyncio.new_event_loop())  # sets PromptServer.instance; never started
             hook_breaker_ac10a0.save_functions()
             try:
                 failed = _run_coro(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
@@ -398,10 +411,20 @@ def file_sha256(path: PathLike) -> str:
 # --------------------------------------------------------------------------------------------------
 
 DUMMY_NODE_ID = "NQHarnessEcho"
+DUMMY_PACK_NAME = "nq_harness_dummy"
 _DUMMY_PACK_SOURCE = '''"""Harness dummy pack: one trivial V3 node."""
 from __future__ import annotations
 
+from aiohttp import web
 from comfy_api.latest import ComfyExtension, io, ui
+from server import PromptServer
+
+WEB_DIRECTORY = "./web"
+
+
+@PromptServer.instance.routes.get("/nq_harness/ping")
+async def ping(request: web.Request) -> web.Response:
+    return web.json_response({"pong": True})
 
 
 class HarnessEcho(io.ComfyNode):
@@ -437,10 +460,12 @@ async def comfy_entrypoint() -> HarnessExtension:
 
 
 def write_dummy_pack(directory: PathLike) -> Path:
-    """Create a V3 custom node pack with one node, NQHarnessEcho(value, fail) -> value*2 (+ PreviewText ui)."""
+    """Create a V3 pack: node NQHarnessEcho(value, fail) -> value*2 (+ PreviewText ui), route GET
+    /nq_harness/ping, and WEB_DIRECTORY web/harness.js (served as /extensions/<pack name>/harness.js)."""
     d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
+    (d / "web").mkdir(parents=True, exist_ok=True)
     (d / "__init__.py").write_text(_DUMMY_PACK_SOURCE, encoding="utf-8")
+    (d / "web" / "harness.js").write_text("// NoiseQuery harness dummy extension\n", encoding="utf-8")
     return d
 
 
@@ -623,6 +648,12 @@ class ComfyServer:
         if self._session is None:
             raise ComfyServerError("server not started")
         return self._session
+
+    def get_json(self, path: str, **params: Any) -> Any:
+        """GET <url><path> and decode the JSON answer (raises on HTTP errors)."""
+        r = self._http().get(self.url + path, params=params or None, timeout=30)
+        r.raise_for_status()
+        return r.json()
 
     def object_info(self, node_class: str | None = None) -> dict[str, Any]:
         suffix = f"/{node_class}" if node_class else ""

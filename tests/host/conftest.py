@@ -13,7 +13,6 @@ log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PACK_NAME = "NoiseQuery"  # name the project pack is loaded under (module name, /extensions/<name>/ URL)
-DUMMY_PACK_NAME = "nq_harness_dummy"
 
 
 @pytest.fixture(scope="session")
@@ -41,13 +40,13 @@ def tiny_ckpt_name(tiny_checkpoint: Path) -> str:
 @pytest.fixture(scope="session")
 def dummy_pack(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A one-node V3 pack (node NQHarnessEcho) proving that pack loading works."""
-    return comfy_harness.write_dummy_pack(tmp_path_factory.mktemp("packs") / DUMMY_PACK_NAME)
+    return comfy_harness.write_dummy_pack(tmp_path_factory.mktemp("packs") / comfy_harness.DUMMY_PACK_NAME)
 
 
 @pytest.fixture(scope="session")
 def comfy_packs(dummy_pack: Path) -> dict[str, Path]:
     """Packs to load, name -> dir: the dummy pack, plus this repo as PACK_NAME once it has an __init__.py."""
-    packs = {DUMMY_PACK_NAME: dummy_pack}
+    packs = {comfy_harness.DUMMY_PACK_NAME: dummy_pack}
     if (REPO_ROOT / "__init__.py").is_file():
         packs[PACK_NAME] = REPO_ROOT
     return packs

@@ -98,6 +98,8 @@ def test_server_txt2img(comfy_server: ComfyServer, tiny_ckpt_name: str) -> None:
     info = comfy_server.object_info("CheckpointLoaderSimple")
     assert tiny_ckpt_name in info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0]
     assert comfy_harness.DUMMY_NODE_ID in comfy_server.object_info(comfy_harness.DUMMY_NODE_ID)
+    assert comfy_server.get_json("/nq_harness/ping") == {"pong": True}
+    assert f"/extensions/{comfy_harness.DUMMY_PACK_NAME}/harness.js" in comfy_server.get_json("/extensions")
 
     prompt_id = comfy_server.post_prompt(comfy_harness.txt2img_graph(tiny_ckpt_name, seed=7))
     assert isinstance(prompt_id, str), prompt_id

@@ -1,0 +1,202 @@
+"""Where the pack meets ComfyUI: folders, model identity, progress/interrupt, cached searchers."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import comfy.model_management
+import comfy.utils
+import folder_paths
+import torch
+
+from ..noisequery_core import ClipEmbedder, ClipSpec, Library, Searcher, load_clip
+from ..noisequery_core.clip import spec_for_identity
+from ..noisequery_core.errors import ModelError
+from ..noisequery_core.paths import list_libraries, resolve_library
+
+log = logging.getLogger("noisequery")
+
+LIBRARY_FOLDER = "noise_libraries"
+CLIP_FOLDER = "noisequery_clip"
+
+CLIP_CHOICES = ["ViT-B-32:openai", "ViT-B-16:openai", "ViT-L-14:openai", "ViT-H-14:laion2b_s32b_b79k", "none"]
+
+
+def register_folders() -> None:
+    """Register our model folders once; user paths from extra_model_paths.yaml stay first."""
+    for name in (LIBRARY_FOLDER, CLIP_FOLDER):
+        default = os.path.join(folder_paths.models_dir, name)
+        known = folder_paths.folder_names_and_paths.get(name, ([], set()))[0]
+        if default not in known:
+            folder_paths.add_model_folder_path(name, default, is_default=False)
+        try:
+            os.makedirs(default, exist_ok=True)
+        except OSError:
+            log.warning("cannot create %s; libraries can still live in paths from extra_model_paths.yaml", default)
+
+
+def library_roots() -> list[str]:
+    return folder_paths.get_folder_paths(LIBRARY_FOLDER)
+
+
+def library_names() -> list[str]:
+    return list_libraries(library_roots())
+
+
+def open_library(name: str) -> Library:
+    return Library.open(resolve_library(library_roots(), name, must_exist=True))
+
+
+def clip_cache_dir() -> str:
+    return folder_paths.get_folder_paths(CLIP_FOLDER)[0]
+
+
+def torch_device() -> str:
+    return str(comfy.model_management.get_torch_device())
+
+
+_lock = threading.Lock()
+_embedders: dict[tuple[str, str, str], ClipEmbedder] = {}
+_searchers: dict[str, Searcher] = {}
+
+
+def embedder_for(spec: ClipSpec) -> ClipEmbedder:
+    """Load (once) a CLIP model, with its weights cached in models/noisequery_clip."""
+    key = (spec.model, spec.pretrained, spec.config)
+    with _lock:
+        got = _embedders.get(key)
+        if got is None:
+            cache = clip_cache_dir()
+            try:
+                got = load_clip(spec, cache_dir=cache, device=torch_device())
+            except ModelError as exc:
+                raise ModelError(f"{exc} (ComfyUI looks for CLIP weights in {cache}: models/{CLIP_FOLDER}/<model>/<tag>.safetensors)") from exc
+            _embedders[key] = got
+        return got
+
+
+def searcher_for(library: Library, need_text: bool) -> Searcher:
+    """A cached Searcher per library folder (it follows appends by itself)."""
+    key = str(library.path)
+    with _lock:
+        s = _searchers.get(key)
+        if s is None or s.library.manifest.created != library.manifest.created:
+            s = Searcher(library)
+            _searchers[key] = s
+    if need_text and s.embedder is None and library.features.clip is not None:
+        s.embedder = embedder_for(spec_for_identity(library.features.clip))
+    return s
+
+
+def library_fingerprint(name: str) -> tuple[Any, ...]:
+    """Changes whenever entries are committed to the library (for fingerprint_inputs)."""
+    try:
+        path = resolve_library(library_roots(), name, must_exist=True)
+        st = (path / "manifest.json").stat()
+        return (str(path), st.st_mtime_ns, st.st_size)
+    except Exception as exc:  # validation reports the real error; here only "changed"
+        return ("unresolved", name, str(exc))
+
+
+# ------------------------------------------------------------------ model identity
+
+
+def model_fingerprint(model: Any) -> str:
+    """A short hash of the diffusion model's weights (a few tensors), class and weight patches.
+
+    ComfyUI keeps no checkpoint path or hash on a MODEL, so this is what identifies it;
+    LoRAs and other weight patches change it, as they change every image.
+    """
+    h = hashlib.sha256()
+    base = model.model
+    h.update(type(base.model_config).__name__.encode())
+    sd = base.diffusion_model.state_dict()
+    keys = sorted(sd)
+    for k in keys[:2] + keys[len(keys) // 2 : len(keys) // 2 + 1] + keys[-2:]:
+        t = sd[k].detach().to("cpu", torch.float32).contiguous()
+        h.update(k.encode())
+        h.update(t.numpy().tobytes()[: 1 << 20])
+    for k in sorted(getattr(model, "patches", {}) or {}):
+        h.update(k.encode())
+        for p in model.patches[k]:
+            h.update(repr(p[0]).encode())  # strength
+    return h.hexdigest()[:16]
+
+
+def upstream_model_name(dynprompt: Any, unique_id: str | None, input_name: str = "model", depth: int = 12) -> str:
+    """Follow a MODEL link upstream to the loader and return its file name ('' if not found)."""
+    if dynprompt is None or unique_id is None:
+        return ""
+    names: list[str] = []
+    node_id, inp = str(unique_id), input_name
+    for _ in range(depth):
+        try:
+            node = dynprompt.get_node(node_id)
+        except Exception:
+            break
+        link = node.get("inputs", {}).get(inp)
+        if not isinstance(link, list) or len(link) != 2:
+            break
+        up = dynprompt.get_node(str(link[0]))
+        inputs = up.get("inputs", {})
+        for key in ("ckpt_name", "unet_name", "model_name"):
+            if isinstance(inputs.get(key), str):
+                return "+".join([inputs[key], *reversed(names)])
+        for key in ("lora_name",):
+            if isinstance(inputs.get(key), str):
+                names.append(Path(inputs[key]).stem)
+        node_id, inp = str(link[0]), "model"
+    return ""
+
+
+def upstream_text(dynprompt: Any, unique_id: str | None, input_name: str) -> str:
+    """The constant text of the CLIPTextEncode feeding ``input_name`` (best effort, '' if unknown)."""
+    if dynprompt is None or unique_id is None:
+        return ""
+    try:
+        link = dynprompt.get_node(str(unique_id)).get("inputs", {}).get(input_name)
+        if isinstance(link, list):
+            up = dynprompt.get_node(str(link[0]))
+            text = up.get("inputs", {}).get("text")
+            return text if isinstance(text, str) else ""
+    except Exception:
+        return ""
+    return ""
+
+
+def conditioning_fingerprint(cond: Any) -> str:
+    h = hashlib.sha256()
+    for c in cond:
+        t = c[0].detach().to("cpu", torch.float32).contiguous()
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.numpy().tobytes())
+    # pooled_output is left out on purpose: for SD1.x ComfyUI never loads text_projection, so
+    # the pooled vector is uninitialised memory and would make the key non-deterministic.
+    return h.hexdigest()[:16]
+
+
+# ------------------------------------------------------------------ progress / interrupt
+
+
+class Progress:
+    """ComfyUI progress bar as the core's progress(done, total) callable."""
+
+    def __init__(self, total: int, node_id: str | None = None):
+        self.bar = comfy.utils.ProgressBar(max(total, 1), node_id=node_id)
+        self.preview: Any = None
+
+    def __call__(self, done: int, total: int) -> None:
+        self.bar.update_absolute(done, max(total, 1), self.preview)
+
+
+def interrupted() -> bool:
+    return comfy.model_management.processing_interrupted()
+
+
+def raise_if_interrupted() -> None:
+    comfy.model_management.throw_exception_if_processing_interrupted()

@@ -1,0 +1,145 @@
+"""Rendering seeds exactly as a batch-1 KSampler would, but in batches.
+
+ComfyUI draws the initial noise for a whole batch from one generator and, in stochastic
+samplers, the per-step noise too, so batch item i is not what seed i gives alone. Here the
+initial noise is drawn per seed (noisequery_core.noise) and, for the stochastic samplers
+listed below, a per-item noise sampler replays what each seed's own batch-1 run would draw.
+Samplers not listed are rendered one seed at a time, which is exact by construction.
+tests/host/test_build_reproducibility.py checks every listed sampler against KSampler.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import comfy.model_management
+import comfy.sample
+import comfy.samplers
+import numpy as np
+import torch
+from comfy.k_diffusion.sampling import BrownianTreeNoiseSampler
+from PIL import Image
+
+from ..noisequery_core.noise import batch_noise
+
+# No per-step randomness: a batch equals its items run alone.
+BATCH_PLAIN = {
+    "euler", "heun", "heunpp2", "dpm_2", "lms", "dpm_fast", "dpmpp_2m", "ipndm", "ipndm_v", "deis",
+    "res_multistep", "gradient_estimation", "uni_pc", "uni_pc_bh2",
+}
+# Per-step noise from k_diffusion.default_noise_sampler(x, seed): one generator per item.
+BATCH_DEFAULT_NOISE = {"euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral", "lcm"}
+# Per-step noise from a Brownian tree seeded with the seed (CPU tree): one tree per item.
+BATCH_BROWNIAN = {"dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde"}
+
+
+def strategy(sampler_name: str) -> str:
+    if sampler_name in BATCH_PLAIN:
+        return "batched"
+    if sampler_name in BATCH_DEFAULT_NOISE:
+        return "batched+default-noise"
+    if sampler_name in BATCH_BROWNIAN:
+        return "batched+brownian"
+    return "per-seed"
+
+
+def per_item_default_noise(seeds: Sequence[int], x: torch.Tensor) -> Callable[[Any, Any], torch.Tensor]:
+    """What default_noise_sampler draws for each seed at batch 1, stacked (kept in sync with
+    comfy/k_diffusion/sampling.py: CPU generators are seeded seed+1, device ones seed)."""
+    dev = x.device
+    gens = []
+    for s in seeds:
+        g = torch.Generator(device=dev)
+        g.manual_seed(int(s) + 1 if dev.type == "cpu" else int(s))
+        gens.append(g)
+    shape = (1, *x.shape[1:])
+    return lambda sigma, sigma_next: torch.cat(
+        [torch.randn(shape, dtype=x.dtype, layout=x.layout, device=dev, generator=g) for g in gens]
+    )
+
+
+def _sampler_with_noise(sampler_name: str, seeds: Sequence[int], sigmas: torch.Tensor, x_like: torch.Tensor) -> Any:
+    if strategy(sampler_name) == "batched+brownian":
+        nonzero = sigmas[sigmas > 0]
+        ns: Any = BrownianTreeNoiseSampler(x_like, nonzero.min(), sigmas.max(), seed=[int(s) for s in seeds], cpu=True)
+    else:
+        ns = per_item_default_noise(seeds, x_like)
+    return comfy.samplers.ksampler(sampler_name, {"noise_sampler": ns})
+
+
+def decode(vae: Any, samples: torch.Tensor) -> torch.Tensor:
+    """As the VAEDecode node does: IMAGE [B, H, W, 3] float 0..1."""
+    images = vae.decode(samples)
+    if len(images.shape) == 5:
+        images = images.reshape(-1, images.shape[-3], images.shape[-2], images.shape[-1])
+    return images
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    arr = (images.detach().cpu().float().clamp(0, 1).numpy() * 255.0 + 0.5).astype(np.uint8)
+    return [Image.fromarray(a[..., :3]) for a in arr]
+
+
+class SeedRenderer:
+    """render(seeds) -> decoded images, each equal to a batch-1 KSampler run of that seed."""
+
+    def __init__(
+        self,
+        model: Any,
+        vae: Any,
+        positive: Any,
+        negative: Any,
+        *,
+        width: int,
+        height: int,
+        steps: int,
+        cfg: float,
+        sampler_name: str,
+        scheduler: str,
+        step_callback: Callable[[int, int], None] | None = None,
+    ):
+        self.model, self.vae = model, vae
+        self.positive, self.negative = positive, negative
+        self.steps, self.cfg = steps, cfg
+        self.sampler_name, self.scheduler = sampler_name, scheduler
+        empty = torch.zeros([1, 4, height // 8, width // 8])
+        self.latent_shape = tuple(comfy.sample.fix_empty_latent_channels(model, empty).shape[1:])
+        self.step_callback = step_callback
+        self.last_latent: torch.Tensor | None = None
+
+    @property
+    def strategy(self) -> str:
+        return strategy(self.sampler_name)
+
+    def _callback(self) -> Any:
+        if self.step_callback is None:
+            return None
+        cb = self.step_callback
+        return lambda step, x0, x, total: cb(step + 1, total)
+
+    def _sample(self, seeds: Sequence[int]) -> torch.Tensor:
+        noise = batch_noise(seeds, self.latent_shape)
+        latent = torch.zeros((len(seeds), *self.latent_shape))
+        if self.strategy in ("batched", "per-seed"):
+            return comfy.sample.sample(
+                self.model, noise, self.steps, self.cfg, self.sampler_name, self.scheduler, self.positive, self.negative,
+                latent, denoise=1.0, callback=self._callback(), disable_pbar=True, seed=int(seeds[0]),
+            )
+        ks = comfy.samplers.KSampler(
+            self.model, steps=self.steps, device=self.model.load_device, sampler=self.sampler_name,
+            scheduler=self.scheduler, denoise=1.0, model_options=self.model.model_options,
+        )
+        sampler = _sampler_with_noise(self.sampler_name, seeds, ks.sigmas, latent.to(self.model.load_device))
+        return comfy.sample.sample_custom(
+            self.model, noise, self.cfg, sampler, ks.sigmas, self.positive, self.negative, latent,
+            callback=self._callback(), disable_pbar=True, seed=int(seeds[0]),
+        )
+
+    def __call__(self, seeds: list[int]) -> list[Image.Image]:
+        if self.strategy == "per-seed":
+            samples = torch.cat([self._sample([s]) for s in seeds])
+        else:
+            samples = self._sample(seeds)
+        self.last_latent = samples
+        return to_pil(decode(self.vae, samples))

@@ -1,0 +1,117 @@
+"""Filling a library from a renderer: batching, skipping done seeds, overlapping features with sampling.
+
+The renderer is injected (the ComfyUI glue passes one that samples and decodes with the
+user's model), so this loop knows nothing of diffusion: it asks for images of seeds, and
+while the renderer works on the next batch, a background thread computes the previous
+batch's features and commits it. An interrupt or crash loses at most the batches not yet
+committed (the one rendering and the one being committed).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+from PIL import Image
+
+from .errors import Cancelled, NoiseQueryError
+from .features import FeatureExtractor
+from .index import maintain_index
+from .storage import Library
+
+log = logging.getLogger("noisequery")
+
+Renderer = Callable[[list[int]], Sequence[Image.Image]]
+
+
+@dataclass
+class BuildReport:
+    requested: int = 0
+    already_present: int = 0
+    added: int = 0
+    render_seconds: float = 0.0
+    seconds: float = 0.0
+
+    @property
+    def images_per_second(self) -> float:
+        return self.added / self.seconds if self.seconds > 0 else 0.0
+
+    def summary(self) -> str:
+        return (
+            f"{self.added} new entries ({self.already_present} of {self.requested} seeds were already in the library) "
+            f"in {self.seconds:.1f} s, {self.images_per_second:.2f} images/s"
+        )
+
+
+def build_seeds(
+    library: Library,
+    seeds: Sequence[int],
+    render: Renderer,
+    extractor: FeatureExtractor,
+    *,
+    batch_size: int = 8,
+    progress: Callable[[int, int], None] | None = None,
+    check_cancel: Callable[[], bool] | None = None,
+    on_batch: Callable[[list[int], Sequence[Image.Image]], None] | None = None,
+    durable: bool = True,
+) -> BuildReport:
+    """Render and append every seed of ``seeds`` not yet in ``library``.
+
+    Args:
+        render: images for a list of seeds, in order (one per seed).
+        extractor: computes the library's columns (its feature set must be the library's).
+        batch_size: seeds per render call and per commit.
+        progress: progress(done, total) after each rendered batch.
+        check_cancel: polled before each batch; True stops after committing finished batches.
+        on_batch: called with each rendered batch (e.g. to show a preview).
+    Returns:
+        a BuildReport. Raises Cancelled when stopped (work so far is committed).
+    """
+    if extractor.features != library.features:
+        raise NoiseQueryError("The feature extractor does not match the library's feature set.")
+    rep = BuildReport(requested=len(seeds))
+    t0 = time.perf_counter()
+    with library.writer(durable=durable) as writer, ThreadPoolExecutor(1, thread_name_prefix="nq-commit") as pool:
+        todo = writer.missing(seeds)
+        rep.already_present = len({int(s) for s in seeds}) - len(todo)
+        total = len(todo)
+        if progress:
+            progress(0, total)
+        pending: Future[int] | None = None
+
+        def commit(batch: list[int], images: Sequence[Image.Image]) -> int:
+            cols, thumbs = extractor(images)
+            return writer.append(batch, cols, thumbs)
+
+        try:
+            for start in range(0, total, max(1, batch_size)):
+                if check_cancel is not None and check_cancel():
+                    raise Cancelled(
+                        f"Building {library.path} stopped after {rep.added} new entries; queue it again to continue."
+                    )
+                batch = todo[start : start + max(1, batch_size)]
+                t = time.perf_counter()
+                images = list(render(batch))
+                rep.render_seconds += time.perf_counter() - t
+                if len(images) != len(batch):
+                    raise NoiseQueryError(f"The renderer returned {len(images)} images for {len(batch)} seeds.")
+                if on_batch is not None:
+                    on_batch(batch, images)
+                if pending is not None:
+                    rep.added += pending.result()  # at most one commit in flight
+                pending = pool.submit(commit, batch, images)
+                if progress:
+                    progress(start + len(batch), total)
+        finally:
+            if pending is not None:
+                try:
+                    rep.added += pending.result()
+                except Exception:
+                    log.exception("committing the last batch to %s failed", library.path)
+                    raise
+        maintain_index(library)
+    rep.seconds = time.perf_counter() - t0
+    return rep
