@@ -120,24 +120,30 @@ class BuildNoiseLibrary(io.ComfyNode):
         lib = Library.create(path, gen, features)
         extractor = FeatureExtractor(lib.features, embedder)
         seeds = range(int(seed_start), int(seed_start) + int(count))
-        todo = len(seeds) - int(lib.contains(np.fromiter(seeds, dtype=np.uint64, count=len(seeds))).sum()) if len(seeds) <= 5_000_000 else len(seeds)
+        todo = len(seeds) - int(lib.contains(np.fromiter(seeds, dtype=np.uint64, count=len(seeds))).sum())
+        # Progress in sampling steps over the whole run, updated at every step (each update is also
+        # an interrupt point in ComfyUI); the last finished batch is the preview.
         progress = _host.Progress(todo * steps, uid)
-        done_images = {"n": 0}
+        state: dict[str, Any] = {"done": 0, "batch": 0}
 
-        def step_cb(step: int, total: int) -> None:
-            progress(done_images["n"] * steps + step * min(batch_size, max(todo - done_images["n"], 1)) // max(1, min(batch_size, todo)), todo * steps)
+        def on_step(fraction: float) -> None:
+            progress(int((state["done"] + fraction * state["batch"]) * steps), todo * steps)
 
-        renderer.step_callback = step_cb
+        def render(batch: list[int]) -> Any:
+            state["batch"] = len(batch)
+            return renderer(batch)
+
+        renderer.on_progress = on_step
         last: dict[str, Any] = {}
 
         def on_batch(batch: list[int], images: Any) -> None:
-            done_images["n"] += len(batch)
+            state["done"] += len(batch)
             last["images"] = images
             progress.preview = ("JPEG", images[-1], 512)
-            progress(done_images["n"] * steps, todo * steps)
+            progress(state["done"] * steps, todo * steps)
 
         try:
-            rep = build_seeds(lib, seeds, renderer, extractor, batch_size=batch_size,
+            rep = build_seeds(lib, seeds, render, extractor, batch_size=batch_size,
                               check_cancel=_host.interrupted, on_batch=on_batch)
         except Cancelled:
             _host.raise_if_interrupted()  # reports "interrupted" to ComfyUI the usual way

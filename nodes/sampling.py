@@ -97,7 +97,7 @@ class SeedRenderer:
         cfg: float,
         sampler_name: str,
         scheduler: str,
-        step_callback: Callable[[int, int], None] | None = None,
+        on_progress: Callable[[float], None] | None = None,
     ):
         self.model, self.vae = model, vae
         self.positive, self.negative = positive, negative
@@ -105,18 +105,18 @@ class SeedRenderer:
         self.sampler_name, self.scheduler = sampler_name, scheduler
         empty = torch.zeros([1, 4, height // 8, width // 8])
         self.latent_shape = tuple(comfy.sample.fix_empty_latent_channels(model, empty).shape[1:])
-        self.step_callback = step_callback
-        self.last_latent: torch.Tensor | None = None
+        self.on_progress = on_progress  # fraction (0..1) of the current render call done
+        self._part = (0, 1)  # (index, count) of the sampling call inside the current render call
 
     @property
     def strategy(self) -> str:
         return strategy(self.sampler_name)
 
     def _callback(self) -> Any:
-        if self.step_callback is None:
+        if self.on_progress is None:
             return None
-        cb = self.step_callback
-        return lambda step, x0, x, total: cb(step + 1, total)
+        cb, (i, n) = self.on_progress, self._part
+        return lambda step, x0, x, total: cb((i + (step + 1) / max(total, 1)) / n)
 
     def _sample(self, seeds: Sequence[int]) -> torch.Tensor:
         noise = batch_noise(seeds, self.latent_shape)
@@ -138,8 +138,12 @@ class SeedRenderer:
 
     def __call__(self, seeds: list[int]) -> list[Image.Image]:
         if self.strategy == "per-seed":
-            samples = torch.cat([self._sample([s]) for s in seeds])
+            parts = []
+            for i, s in enumerate(seeds):
+                self._part = (i, len(seeds))
+                parts.append(self._sample([s]))
+            samples = torch.cat(parts)
         else:
+            self._part = (0, 1)
             samples = self._sample(seeds)
-        self.last_latent = samples
         return to_pil(decode(self.vae, samples))
