@@ -193,7 +193,7 @@ class NoiseQueryLibraryInfo(io.ComfyNode):
             f"{library}: {lib.count} entries (seeds {info['seed_min']}..{info['seed_max']})\n"
             f"generation key: {lib.generation.describe()}\nfeatures: {lib.features.describe()}\nfolder: {lib.path}"
         )
-        rows = np.linspace(0, lib.count - 1, num=min(preview_count, lib.count)).astype(int) if lib.count and preview_count else []
-        seeds = [int(lib.seeds[r]) for r in rows]
+        n = min(preview_count, lib.count)
+        seeds = [int(lib.seeds[r]) for r in np.linspace(0, lib.count - 1, num=n).astype(int)] if n else []
         images = load_thumbnails(lib, seeds)
         return io.NodeOutput(text, images, ui={"text": [text]})

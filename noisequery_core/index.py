@@ -134,6 +134,11 @@ class ClipSearcher:
         order = np.argsort(-scores, kind="stable")[:k]
         return rows[order].astype(np.int64), scores[order]
 
+    def all_scores(self, q: np.ndarray) -> np.ndarray | None:
+        """Inner products of every row with ``q`` in exact mode (None in ANN mode)."""
+        self._sync()
+        return None if self._dense is None else self._dense @ _f32(q).reshape(-1)
+
     def scores(self, rows: np.ndarray, q: np.ndarray) -> np.ndarray:
         """Exact inner products of the given rows with ``q``."""
         rows = np.asarray(rows, dtype=np.int64)

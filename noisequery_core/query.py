@@ -121,7 +121,9 @@ class _Columns:
     def __init__(self, library: Library):
         self.count = library.count
         self.stats = np.ascontiguousarray(np.asarray(library.column("stats"), dtype=np.float32).T)  # [S, N]
-        self.hist = np.ascontiguousarray(np.asarray(library.column("hist")).T)  # fp16 [B, N]
+        # float32 so a colour query is a few contiguous multiply-adds per active bin (the
+        # histogram is the only colour feature scanned in full: 256 B per entry in RAM).
+        self.hist = np.ascontiguousarray(np.asarray(library.column("hist"), dtype=np.float32).T)  # [B, N]
         self.regions = np.ascontiguousarray(np.asarray(library.column("regions")).transpose(1, 2, 0))  # fp16 [R,3,N]
 
 
@@ -144,6 +146,7 @@ class Searcher:
         self._exact_max = exact_max
         self._cols: _Columns | None = None
         self._sample: np.ndarray | None = None
+        self._sample_emb: tuple[int, np.ndarray] | None = None
 
     # -- caches, refreshed when the library grows
     def _columns(self) -> _Columns:
@@ -160,6 +163,14 @@ class Searcher:
             else:
                 self._sample = np.sort(np.random.default_rng(0).choice(n, SAMPLE_ROWS, replace=False))
         return self._sample
+
+    def _sample_embeddings(self) -> np.ndarray:
+        """float32 CLIP embeddings of the sample rows (cached until the library grows)."""
+        n = self.library.count
+        if self._sample_emb is None or self._sample_emb[0] != n:
+            rows = self._sample_rows()
+            self._sample_emb = (n, np.asarray(self.library.column("clip")[rows], dtype=np.float32))
+        return self._sample_emb[1]
 
     def clip_searcher(self) -> ClipSearcher:
         if self._clip is None:
@@ -221,18 +232,18 @@ class Searcher:
         clip_w: np.ndarray | None = None
         if clip_vec is not None:
             cs = self.clip_searcher()
-            if cs.mode == "exact" or not color_terms:
-                if cs.mode == "exact":
-                    cand = np.arange(n, dtype=np.int64)
+            every = cs.all_scores(clip_vec)
+            if every is not None:  # exact mode: every row is a candidate
+                cand, clip_w = np.arange(n, dtype=np.int64), every
+            else:
+                if color_terms:  # ANN candidates ∪ best by colour, so neither side is cut off
+                    ann, _ = cs.search(clip_vec, max(pool * 4, 200))
+                    ctot = self._color_total(color_terms, None)
+                    m = min(len(ctot), max(pool * 4, 200))
+                    cand = np.union1d(ann, np.argpartition(-ctot, m - 1)[:m])
                 else:
                     cand, _ = cs.search(clip_vec, max(pool, 100))
-            else:
-                ann, _ = cs.search(clip_vec, max(pool * 4, 200))
-                ctot = self._color_total(color_terms, None)
-                m = min(len(ctot), max(pool * 4, 200))
-                ctop = np.argpartition(-ctot, m - 1)[:m]
-                cand = np.union1d(ann, ctop)
-            clip_w = cs.scores(cand, clip_vec)
+                clip_w = cs.scores(cand, clip_vec)
         else:
             cand = np.arange(n, dtype=np.int64)
         if len(exclude):
@@ -244,7 +255,8 @@ class Searcher:
         total = np.zeros(len(cand), np.float32)
         if clip_w is not None:
             total += clip_w - clip_offset
-        color_raw = {t.name: t.raw(cand) for t in color_terms}
+        every_row = len(cand) == n  # then terms scan their columns directly instead of gathering
+        color_raw = {t.name: t.raw(None if every_row else cand) for t in color_terms}
         for t in color_terms:
             total += t.weight * (color_raw[t.name] - t.mu) / t.sigma
 
@@ -255,21 +267,19 @@ class Searcher:
             top = self._mmr(cand, total, top, k, query.diversity)
         top = top[:k]
 
-        seeds = np.asarray(lib.seeds)
+        rows = cand[top]
+        raws = {t.name: t.raw(rows) for t in clip_terms}
+        raws.update({t.name: color_raw[t.name][top] for t in color_terms})
+        seeds = lib.seeds
         hits: list[Hit] = []
-        for i in top:
-            row = int(cand[i])
+        for j, i in enumerate(top):
             terms: dict[str, TermScore] = {}
-            for t in clip_terms:
-                raw = float(t.raw(np.array([row]))[0])
+            for t in (*clip_terms, *color_terms):
+                raw = float(raws[t.name][j])
                 z = (raw - t.mu) / t.sigma
                 terms[t.name] = TermScore(raw, z, t.weight * z)
-            for t in color_terms:
-                raw = float(color_raw[t.name][i])
-                z = (raw - t.mu) / t.sigma
-                terms[t.name] = TermScore(raw, z, t.weight * z)
-            seed = int(seeds[row])
-            hits.append(Hit(seed=seed, row=row, score=float(total[i]), terms=terms, thumbnail=lib.thumbnail_path(seed)))
+            seed = int(seeds[rows[j]])
+            hits.append(Hit(seed=seed, row=int(rows[j]), score=float(total[i]), terms=terms, thumbnail=lib.thumbnail_path(seed)))
         return hits
 
     # -- term construction
@@ -295,7 +305,7 @@ class Searcher:
                     f"Example-image embedding has {e.shape[0]} dimensions, the library's CLIP has {lib.features.clip.dim}."
                 )
             vecs.append(("image", e / max(float(np.linalg.norm(e)), 1e-12), query.image_weight))
-        emb_sample = np.asarray(lib.column("clip")[self._sample_rows()], dtype=np.float32)
+        emb_sample = self._sample_embeddings()
         searcher = self.clip_searcher()
         terms: list[_Term] = []
         combined = np.zeros(lib.features.clip.dim, np.float32)
@@ -324,14 +334,13 @@ class Searcher:
 
         for hexcol, w in query.colors:
             kern = color.color_kernel(color.parse_hex_color(hexcol))
-            active = np.nonzero(kern > 1e-3)[0]
+            active = np.nonzero(kern > 1e-2)[0]  # the rest holds a few % of the kernel's mass
 
             def raw_color(rows: np.ndarray | None, kern: np.ndarray = kern, active: np.ndarray = active) -> np.ndarray:
-                out = None
+                out = np.zeros(self._nrows(rows), np.float32)
                 for b in active:
-                    v = pick(cols.hist[b], rows).astype(np.float32) * kern[b]
-                    out = v if out is None else out + v
-                return out if out is not None else np.zeros(self._nrows(rows), np.float32)
+                    out += kern[b] * pick(cols.hist[b], rows)
+                return out
 
             terms.append(_Term(f"color {hexcol}", float(w), raw_color))
         for st in query.stats:

@@ -296,6 +296,18 @@ class InProcessRunner:
                   "completed": self.executor.success, "messages": list(self.executor.status_messages)}
         return {"prompt_id": prompt_id, "status": status, **self.executor.history_result}
 
+    def node_outputs(self, node_id: str) -> list[Any] | None:
+        """The Python output values (one per output socket) node_id produced in the last run() (executed or
+        served from cache), read from the executor's output cache; None when the node has no cached output.
+
+        Example: ``image = runner.node_outputs("6")[0]`` after a graph whose node "6" is a VAEDecode.
+        """
+        entry = self.executor.caches.outputs.get(str(node_id))
+        if entry is None:
+            return None
+        return [values[0] if isinstance(values, list) and len(values) == 1 else values
+                for values in entry.outputs]
+
 
 # --------------------------------------------------------------------------------------------------
 # Tiny random-weight SD1.5 checkpoint
@@ -394,6 +406,33 @@ def make_tiny_sd15_checkpoint(path: PathLike, comfy_path: PathLike | None = None
     save_file(sd, str(tmp), metadata={"noisequery_tiny_sd15_seed": str(seed)})
     os.replace(tmp, out)
     log.info("wrote %s (%d tensors, %.0f MB) in %.1fs", out, len(sd), out.stat().st_size / 2**20,
+             time.perf_counter() - t0)
+    return out
+
+
+def write_random_open_clip_weights(path: PathLike, model_name: str = "ViT-B-32", seed: int = 0) -> Path:
+    """Write RANDOM weights of an open_clip architecture as an fp16 safetensors state dict.
+
+    The model is built with torch.manual_seed(seed) inside a forked RNG, so the same (model_name, seed) gives
+    the same file. Drop it at <noisequery_clip>/<model>/<tag>.safetensors and the pack loads it offline as
+    that tag. Embeddings from it are meaningless: good for plumbing only.
+    """
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = open_clip.create_model(model_name, pretrained=None)
+    sd = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}
+    del model
+    tmp = out.with_name(out.name + ".part")
+    save_file(sd, str(tmp))
+    os.replace(tmp, out)
+    log.info("wrote random %s weights %s (%.0f MB) in %.1fs", model_name, out, out.stat().st_size / 2**20,
              time.perf_counter() - t0)
     return out
 

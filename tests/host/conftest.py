@@ -53,12 +53,40 @@ def comfy_packs(dummy_pack: Path) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
-def comfy_nodes(comfy_path: Path, tiny_checkpoint: Path, comfy_packs: dict[str, Path],
-                tmp_path_factory: pytest.TempPathFactory) -> ModuleType:
-    """ComfyUI's `nodes` module, booted in this process (builtin nodes + comfy_packs, tiny checkpoint listed)."""
+def nq_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session's "noisequery_clip" model folder (CLIP weights), shared by in-process ComfyUI and the server."""
+    return tmp_path_factory.mktemp("noisequery_clip")
+
+
+@pytest.fixture(scope="session")
+def nq_libraries_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The in-process ComfyUI's "noise_libraries" model folder (first in its search list)."""
+    return tmp_path_factory.mktemp("noise_libraries_inproc")
+
+
+@pytest.fixture(scope="session")
+def server_libraries_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The headless server's "noise_libraries" model folder (from its extra_model_paths yaml)."""
+    return tmp_path_factory.mktemp("noise_libraries_server")
+
+
+@pytest.fixture(scope="session")
+def clip_weights(nq_clip_dir: Path) -> Path:
+    """RANDOM ViT-B-32 weights at <noisequery_clip>/ViT-B-32/openai.safetensors: the pack loads them offline for
+    clip_model "ViT-B-32:openai". Text-query results are meaningless; only the plumbing is tested."""
+    return comfy_harness.write_random_open_clip_weights(nq_clip_dir / "ViT-B-32" / "openai.safetensors",
+                                                        "ViT-B-32", seed=0)
+
+
+@pytest.fixture(scope="session")
+def comfy_nodes(comfy_path: Path, tiny_checkpoint: Path, comfy_packs: dict[str, Path], nq_clip_dir: Path,
+                nq_libraries_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> ModuleType:
+    """ComfyUI's `nodes` module, booted in this process (builtin nodes + comfy_packs, tiny checkpoint listed,
+    noise_libraries -> nq_libraries_dir, noisequery_clip -> nq_clip_dir)."""
     return comfy_harness.boot_inprocess(
         comfy_path,
-        extra_model_dirs={"checkpoints": tiny_checkpoint.parent},
+        extra_model_dirs={"checkpoints": tiny_checkpoint.parent, "noise_libraries": nq_libraries_dir,
+                          "noisequery_clip": nq_clip_dir},
         custom_node_paths=comfy_packs,
         io_dir=tmp_path_factory.mktemp("comfy_io"),
     )
@@ -71,13 +99,16 @@ def comfy_runner(comfy_nodes: ModuleType) -> comfy_harness.InProcessRunner:
 
 
 @pytest.fixture(scope="session")
-def comfy_server(comfy_path: Path, tiny_checkpoint: Path, comfy_packs: dict[str, Path],
-                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[comfy_harness.ComfyServer]:
-    """A running headless ComfyUI (--cpu) with comfy_packs and the tiny checkpoint; stopped at session end."""
+def comfy_server(comfy_path: Path, tiny_checkpoint: Path, comfy_packs: dict[str, Path], nq_clip_dir: Path,
+                 server_libraries_dir: Path, tmp_path_factory: pytest.TempPathFactory
+                 ) -> Iterator[comfy_harness.ComfyServer]:
+    """A running headless ComfyUI (--cpu) with comfy_packs and the tiny checkpoint (noise_libraries ->
+    server_libraries_dir, noisequery_clip -> nq_clip_dir); stopped at session end."""
     server = comfy_harness.ComfyServer(
         comfy_path,
         packs=comfy_packs,
-        model_dirs={"checkpoints": tiny_checkpoint.parent},
+        model_dirs={"checkpoints": tiny_checkpoint.parent, "noise_libraries": server_libraries_dir,
+                    "noisequery_clip": nq_clip_dir},
         workdir=tmp_path_factory.mktemp("comfy_server"),
     )
     with server:
