@@ -48,9 +48,10 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
 VIEWPORT = {"width": 1600, "height": 1000}
-# Where nodes may be drawn in the screenshots, in CSS pixels: right of the side bar, below the tab bar and
-# the workflow-name / Run toolbars.
-FIT_RECT = (80, 105, 1585, 990)
+# Where nodes may be drawn in the screenshots, in CSS pixels: right of the side bar, below the tab bar, the
+# workflow-name / Run toolbars and the "1 job completed" notice that stays under the Run button after a run.
+FIT_RECT = (80, 140, 1585, 990)
+MAX_ZOOM = 1.25
 LIBRARY_NAME = "sd15_empty_512"
 SCREENSHOTS = {
     "build_noise_library": "workflow_build.png",
@@ -59,8 +60,8 @@ SCREENSHOTS = {
 }
 RUN_WORKFLOW = "colour_query_sampler_custom_advanced"
 RUN_SCREENSHOT = "nodes_after_run.png"
-# Columns of node ids, left to right, each stacked top to bottom. A workflow not listed here (or whose node
-# ids changed) keeps the frontend's own app.graph.arrange() layout.
+# Columns of node ids, left to right, each stacked top to bottom; ids the workflow lacks are skipped. A workflow
+# not listed here, or with a node not placed here, keeps the frontend's own app.graph.arrange() layout.
 LAYOUTS: dict[str, list[list[str]]] = {
     "build_noise_library": [["1", "2"], ["3"]],
     "text_query_ksampler": [["1", "4", "5", "2"], ["6", "8"], ["7", "9"], ["10", "11"]],
@@ -71,8 +72,9 @@ LAYOUTS: dict[str, list[list[str]]] = {
 SIZES: dict[str, list[float | None]] = {
     "CheckpointLoaderSimple": [400, None],
     "CLIPTextEncode": [380, 150],
-    "PreviewImage": [340, 330],
-    "SaveImage": [340, 330],
+    "PreviewImage": [440, 240],
+    "SaveImage": [440, 240],
+    "SamplerCustomAdvanced": [280, None],
     "VAEDecode": [180, None],
     "KSampler": [320, None],
     "CFGGuider": [260, None],
@@ -97,10 +99,9 @@ window.__nq = {
       const need = n.computeSize();
       n.setSize([Math.max(s[0], need[0]), s[1] == null ? need[1] : Math.max(s[1], need[1])]);
     }
-    const ids = columns ? columns.flat() : null;
     const all = g._nodes.map(n => String(n.id));
-    const ok = ids && ids.length === all.length && all.every(i => ids.includes(i));
-    if (!ok) { g.arrange(); return false; }
+    columns = (columns ?? []).map(c => c.filter(i => all.includes(i))).filter(c => c.length);
+    if (!all.every(i => columns.some(c => c.includes(i)))) { g.arrange(); return false; }
     const gapX = 60, gapY = 40;
     let x = 0;
     for (const col of columns) {
@@ -116,8 +117,8 @@ window.__nq = {
     app.canvas.setDirty(true, true);
     return true;
   },
-  // Zoom and pan so that every node lies inside rect [x0, y0, x1, y1] (CSS pixels), at most 100 %.
-  fit(rect) {
+  // Zoom and pan so that every node lies inside rect [x0, y0, x1, y1] (CSS pixels), centred, zoom <= maxZoom.
+  fit(rect, maxZoom) {
     const g = app.graph, T = LiteGraph.NODE_TITLE_HEIGHT, ds = app.canvas.ds;
     let minx = Infinity, miny = Infinity, maxx = -Infinity, maxy = -Infinity;
     for (const n of g._nodes) {
@@ -125,9 +126,9 @@ window.__nq = {
       maxx = Math.max(maxx, n.pos[0] + n.size[0]); maxy = Math.max(maxy, n.pos[1] + n.size[1]);
     }
     const [x0, y0, x1, y1] = rect, bw = maxx - minx, bh = maxy - miny;
-    const scale = Math.min((x1 - x0) / bw, (y1 - y0) / bh, 1.0);
+    const scale = Math.min((x1 - x0) / bw, (y1 - y0) / bh, maxZoom);
     ds.scale = scale;
-    ds.offset = [(x0 + ((x1 - x0) - bw * scale) / 2) / scale - minx, y0 / scale - miny];
+    ds.offset = [(x0 + ((x1 - x0) - bw * scale) / 2) / scale - minx, (y0 + ((y1 - y0) - bh * scale) / 2) / scale - miny];
     app.canvas.setDirty(true, true);
     return scale;
   },
@@ -141,6 +142,22 @@ window.__nq = {
         if (Array.isArray(v)) continue;
         const w = n.widgets?.find(w => w.name === name);
         if (w && w.value !== v) { changed.push([id, name, w.value]); w.value = v; }
+      }
+    }
+    return changed;
+  },
+  // A seed fed by a link ignores its "control after generate" widget; show "fixed", as the NoiseQuery
+  // seed output's tooltip asks. Returns the node ids changed.
+  fixLinkedSeedControls() {
+    const changed = [];
+    for (const n of app.graph._nodes) {
+      for (const inp of n.inputs ?? []) {
+        if (inp.link == null || !inp.widget) continue;
+        const w = n.widgets?.find(w => w.name === inp.widget.name);
+        const next = w ? n.widgets[n.widgets.indexOf(w) + 1] : null;
+        const ctl = w?.linkedWidgets?.find(c => c.name === 'control_after_generate')
+          ?? (next?.name === 'control_after_generate' ? next : null);
+        if (ctl && ctl.value !== 'fixed') { ctl.value = 'fixed'; changed.push(`${n.id}.${w.name}`); }
       }
     }
     return changed;
@@ -353,6 +370,9 @@ def main() -> int:
                     changed = page.js("(a) => __nq.restoreWidgets(a)", api)
                     for nid, wname, got in changed:
                         notes.append(f"{name}: node {nid} widget {wname} was {got!r} in the page; put back to the API value")
+                    for what in page.js("() => __nq.fixLinkedSeedControls()"):
+                        notes.append(f"{name}: {what} is linked; its control_after_generate set to 'fixed' (UI-only "
+                                     "widget, not in the API file)")
                     both = json.loads(page.js("() => __nq.exportBoth()"))
                     wf = both["workflow"]
                     wf.get("extra", {}).pop("ds", None)  # no saved view: ComfyUI fits the graph to the user's window
@@ -383,7 +403,7 @@ def main() -> int:
                     if status != "OK":
                         failures.append(f"{out.name}: diffs={diffs} errors={new} dialogs={dialogs}")
                     if not args.no_screenshots and name in SCREENSHOTS:
-                        page.js("(r) => __nq.fit(r)", list(FIT_RECT))
+                        page.js("([r, z]) => __nq.fit(r, z)", [list(FIT_RECT), MAX_ZOOM])
                         page.screenshot(DOCS / SCREENSHOTS[name])
                     page.close()
 
@@ -431,7 +451,7 @@ def run_and_shoot(browser: Any, server: comfy_harness.ComfyServer, ui_file: Path
     page.settle()
     loader = next(n["id"] for n in wf["nodes"] if n["type"] == "CheckpointLoaderSimple")
     page.js("([i, v]) => __nq.setWidget(i, 'ckpt_name', v)", [loader, ckpt_name])
-    page.js("(r) => __nq.fit(r)", list(FIT_RECT))
+    page.js("([r, z]) => __nq.fit(r, z)", [list(FIT_RECT), MAX_ZOOM])
     known = set(server.history())
     t0 = time.perf_counter()
     page.page.click("[data-testid=queue-button] button[aria-label=Run]")

@@ -46,13 +46,14 @@ def build(library_name: str, *, seed_start: int = 0, count: int = 3, batch_size:
 
 def ksampler_image(prefix: str, seed: int | list[Any], *, steps: int = STEPS, cfg: float = 1.0,
                    sampler: str = "euler", scheduler: str = "normal", negative: str = POS,
-                   latent: list[Any] | None = None, size: int = SIZE, model: list[Any] | None = None,
-                   output: bool = True) -> dict[str, Any]:
+                   latent: list[Any] | None = None, size: int = SIZE, width: int | None = None,
+                   height: int | None = None, model: list[Any] | None = None, output: bool = True) -> dict[str, Any]:
     """Standard txt2img tail at batch size 1: <prefix>0 EmptyLatentImage, <prefix>1 KSampler, <prefix>2 VAEDecode,
     <prefix>3 PreviewImage (the output node, unless output=False)."""
     g: dict[str, Any] = {}
     if latent is None:
-        g[f"{prefix}0"] = {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}}
+        g[f"{prefix}0"] = {"class_type": "EmptyLatentImage", "inputs": {"width": width or size, "height": height or size,
+                                                                        "batch_size": 1}}
         latent = [f"{prefix}0", 0]
     g[f"{prefix}1"] = {"class_type": "KSampler", "inputs": {
         "model": model or [CKPT, 0], "seed": seed, "steps": steps, "cfg": cfg, "sampler_name": sampler,
@@ -105,10 +106,20 @@ def text_query(library: str, text: str = "a red apple", **overrides: Any) -> dic
     return {"class_type": "NoiseQueryText", "inputs": inputs}
 
 
-def show_text(node: str, output: int = 4) -> dict[str, Any]:
-    """An output node that makes `node` run: a PreviewImage of its thumbnails (output 3) -- query nodes are not
-    output nodes themselves."""
+def preview_thumbnails(node: str) -> dict[str, Any]:
+    """An output node that makes query node `node` run (query nodes are not output nodes): a PreviewImage of its
+    thumbnails output."""
     return {"class_type": "PreviewImage", "inputs": {"images": [node, 3]}}
+
+
+def report_seeds(report: str) -> list[int]:
+    """Seeds of the '#i seed N  score ...' lines of a query report, in rank order."""
+    out = []
+    for line in report.splitlines():
+        parts = line.split()
+        if len(parts) >= 3 and parts[0].startswith("#") and parts[1] == "seed":
+            out.append(int(parts[2]))
+    return out
 
 
 def ui_text(entry: Mapping[str, Any], node_id: str) -> str:
