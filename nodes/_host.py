@@ -28,16 +28,22 @@ CLIP_CHOICES = ["ViT-B-32:openai", "ViT-B-16:openai", "ViT-L-14:openai", "ViT-H-
 
 
 def register_folders() -> None:
-    """Register our model folders once; user paths from extra_model_paths.yaml stay first."""
+    """Register our model folders once; user paths from extra_model_paths.yaml stay first.
+
+    The first registered folder is created when none of them exists yet (so a fresh install
+    has a models/noise_libraries to build into, and a moved one is not shadowed).
+    """
     for name in (LIBRARY_FOLDER, CLIP_FOLDER):
         default = os.path.join(folder_paths.models_dir, name)
         known = folder_paths.folder_names_and_paths.get(name, ([], set()))[0]
         if default not in known:
             folder_paths.add_model_folder_path(name, default, is_default=False)
-        try:
-            os.makedirs(default, exist_ok=True)
-        except OSError:
-            log.warning("cannot create %s; libraries can still live in paths from extra_model_paths.yaml", default)
+        paths = folder_paths.get_folder_paths(name)
+        if not any(os.path.isdir(p) for p in paths):
+            try:
+                os.makedirs(paths[0], exist_ok=True)
+            except OSError as exc:
+                log.warning("cannot create %s (%s); add a writable %s path in extra_model_paths.yaml", paths[0], exc, name)
 
 
 def library_roots() -> list[str]:
@@ -72,8 +78,11 @@ def embedder_for(spec: ClipSpec) -> ClipEmbedder:
         got = _embedders.get(key)
         if got is None:
             cache = clip_cache_dir()
+            # HF_HUB_OFFLINE=1 (huggingface's own switch) skips the download attempts, which
+            # otherwise retry for about a minute on an offline machine before failing.
+            offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes")
             try:
-                got = load_clip(spec, cache_dir=cache, device=torch_device())
+                got = load_clip(spec, cache_dir=cache, device=torch_device(), allow_download=not offline)
             except ModelError as exc:
                 raise ModelError(f"{exc} (ComfyUI looks for CLIP weights in {cache}: models/{CLIP_FOLDER}/<model>/<tag>.safetensors)") from exc
             _embedders[key] = got
@@ -117,8 +126,13 @@ def model_fingerprint(model: Any) -> str:
     h.update(type(base.model_config).__name__.encode())
     sd = base.diffusion_model.state_dict()
     keys = sorted(sd)
+    # ComfyUI patches LoRAs into the weights in place and keeps the originals in `backup`
+    # (shared by clones): hash the originals, and the patches separately below.
+    backup = getattr(model, "backup", {}) or {}
     for k in keys[:2] + keys[len(keys) // 2 : len(keys) // 2 + 1] + keys[-2:]:
-        t = sd[k].detach().to("cpu", torch.float32).contiguous()
+        saved = backup.get(f"diffusion_model.{k}")
+        src = saved.weight if saved is not None else sd[k]
+        t = src.detach().to("cpu", torch.float32).contiguous()
         h.update(k.encode())
         h.update(t.numpy().tobytes()[: 1 << 20])
     for k in sorted(getattr(model, "patches", {}) or {}):

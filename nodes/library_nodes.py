@@ -71,17 +71,23 @@ class BuildNoiseLibrary(io.ComfyNode):
             is_output_node=True,
         )
 
+    # Only the inputs checked here are in the signature: ComfyUI skips its own range/list checks
+    # for inputs a validate_inputs names (and for all of them with **kwargs).
     @classmethod
-    def validate_inputs(cls, library_name: str | None = None, width: int | None = None, height: int | None = None, **_: Any) -> bool | str:
+    def validate_inputs(cls, library_name: str | None = None) -> bool | str:
         if library_name is not None:
             try:
                 check_library_name(library_name)
             except Exception as exc:
                 return str(exc)
-        for name, v in (("width", width), ("height", height)):
-            if v is not None and v % 8:
-                return f"{name} {v} is not a multiple of 8."
         return True
+
+    @classmethod
+    def fingerprint_inputs(cls, **_: Any) -> Any:
+        # Always run: the node syncs the library on disk with the requested range, and the disk
+        # can change between queues (deleted, extended elsewhere) in ways a cache key taken
+        # before the run cannot see. A run over a complete library only checks the seeds.
+        return float("nan")
 
     @classmethod
     def execute(
@@ -89,6 +95,8 @@ class BuildNoiseLibrary(io.ComfyNode):
         seed_start: int, count: int, batch_size: int, steps: int, cfg: float, sampler_name: str, scheduler: str,
         clip_model: str, thumbnail_size: int,
     ) -> io.NodeOutput:
+        if width % 8 or height % 8:
+            raise ValueError(f"BuildNoiseLibrary: width {width} and height {height} must be multiples of 8 (the latent is 1/8 of the image).")
         if seed_start + count - 1 > SEED_MAX:
             raise ValueError(f"seed_start {seed_start} + count {count} runs past the largest seed {SEED_MAX}; lower one of them.")
         path = resolve_library(_host.library_roots(), library_name, must_exist=False)

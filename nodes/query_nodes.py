@@ -15,6 +15,7 @@ from ..noisequery_core import Library, Query, QueryError, RegionTarget, StatTarg
 from ..noisequery_core.color import parse_hex_color
 from ..noisequery_core.noise import batch_noise
 from ..noisequery_core.query import Hit, format_report
+from ..noisequery_core.storage import SEED_MAX
 from . import _host
 
 log = logging.getLogger("noisequery")
@@ -88,9 +89,12 @@ def _parse_seeds(text: str) -> tuple[int, ...]:
     out = []
     for tok in text.replace(",", " ").split():
         try:
-            out.append(int(tok))
+            value = int(tok)
         except ValueError:
             raise QueryError(f"exclude_seeds: {tok!r} is not a seed number (write e.g. '12, 345').") from None
+        if not 0 <= value <= SEED_MAX:
+            raise QueryError(f"exclude_seeds: {tok} is outside the seed range 0..{SEED_MAX}.")
+        out.append(value)
     return tuple(out)
 
 
@@ -115,8 +119,12 @@ def merge_queries(a: Query, b: Query | None) -> Query:
 
 def run_query(library: str, query: Query, rank_offset: int, model: Any) -> io.NodeOutput:
     lib = _host.open_library(library)
+    if lib.count and rank_offset >= lib.count:
+        raise QueryError(
+            f"rank_offset {rank_offset} is past the last hit: library {library!r} has {lib.count} entries. Lower rank_offset."
+        )
     searcher = _host.searcher_for(lib, need_text=bool(query.text.strip() or query.negative_text.strip()))
-    hits: list[Hit] = searcher.search(replace(query, top_k=query.top_k + rank_offset))
+    hits: list[Hit] = searcher.search(replace(query, top_k=min(query.top_k + rank_offset, max(lib.count, 1))))
     if rank_offset >= len(hits):
         raise QueryError(f"rank_offset {rank_offset} is past the last hit: library {library!r} returned {len(hits)} hits.")
     window = hits[rank_offset : rank_offset + query.top_k]
@@ -168,7 +176,7 @@ class NoiseQueryText(io.ComfyNode):
         return _host.library_fingerprint(library)
 
     @classmethod
-    def validate_inputs(cls, text: str | None = None, exclude_seeds: str | None = None, **_: Any) -> bool | str:
+    def validate_inputs(cls, exclude_seeds: str | None = None) -> bool | str:
         try:
             if exclude_seeds is not None:
                 _parse_seeds(exclude_seeds)
@@ -231,7 +239,7 @@ class NoiseQueryColor(io.ComfyNode):
         return _host.library_fingerprint(library)
 
     @classmethod
-    def validate_inputs(cls, color: str | None = None, region_color: str | None = None, exclude_seeds: str | None = None, **_: Any) -> bool | str:
+    def validate_inputs(cls, color: str | None = None, region_color: str | None = None, exclude_seeds: str | None = None) -> bool | str:
         try:
             if color:
                 parse_hex_color(color)

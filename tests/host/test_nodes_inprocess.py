@@ -9,6 +9,7 @@ interrupting a build and resuming it.
 from __future__ import annotations
 
 import inspect
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -96,7 +97,7 @@ def test_pack_loaded_with_permanent_node_ids(comfy_nodes: ModuleType) -> None:
         cls = comfy_nodes.NODE_CLASS_MAPPINGS[node_id]
         assert issubclass(cls, io.ComfyNode)
         assert cls.GET_SCHEMA().node_id == node_id
-    pack_init = __import__("sys").modules[G.pack_module(comfy_nodes, "nodes").__name__.rsplit(".", 1)[0]]
+    pack_init = sys.modules[G.pack_module(comfy_nodes, "nodes").__name__.rsplit(".", 1)[0]]
     assert not hasattr(pack_init, "NODE_CLASS_MAPPINGS"), "a V3 pack must not define NODE_CLASS_MAPPINGS"
     assert callable(pack_init.comfy_entrypoint)
 
@@ -324,7 +325,7 @@ def test_model_mismatch_warning(comfy_runner: InProcessRunner, tiny_ckpt_name: s
 
     _, outs = _query(comfy_runner, tiny_ckpt_name, G.color_query(color_library, model=["30", 0]),
                      extra={"30": _lora_node(tiny_lora)})
-    assert f"warning: the connected model" in outs[4] and warning in outs[4], outs[4]
+    assert "warning: the connected model" in outs[4] and warning in outs[4], outs[4]
     assert color_library in outs[4]
 
 
@@ -390,7 +391,7 @@ def test_interrupted_build_keeps_whole_batches_and_resumes(
 
     name = "inproc/interrupted"
     graph = G.base(tiny_ckpt_name)
-    graph["10"] = G.build(name, seed_start=100, count=6, batch_size=2, sampler="euler_ancestral")
+    graph["10"] = G.build(name, seed_start=100, count=4, batch_size=2, sampler="euler_ancestral")
     entry = comfy_runner.run(graph)
     err = comfy_harness.execution_error(entry)
     assert err is not None and err["event"] == "execution_interrupted", entry["status"]
@@ -400,7 +401,7 @@ def test_interrupted_build_keeps_whole_batches_and_resumes(
     rep = verify(path)
     assert rep.ok, rep.problems
     lib = Library.open(path)
-    assert 0 < lib.count < 6 and lib.count % 2 == 0, f"{lib.count} entries: not whole batches of 2"
+    assert 0 < lib.count < 4 and lib.count % 2 == 0, f"{lib.count} entries: not whole batches of 2"
     assert sorted(int(s) for s in lib.seeds) == list(range(100, 100 + lib.count))
     done_before = lib.count
 
@@ -408,16 +409,36 @@ def test_interrupted_build_keeps_whole_batches_and_resumes(
     entry = _ok(comfy_runner.run(graph))
     assert "10" not in _cached_nodes(entry)
     report = comfy_runner.node_outputs("10")[2]
-    assert f"{6 - done_before} new entries ({done_before} of 6 seeds were already in the library)" in report, report
+    assert f"{4 - done_before} new entries ({done_before} of 4 seeds were already in the library)" in report, report
     rep = verify(path)
-    assert rep.ok and rep.count == 6, rep.problems
+    assert rep.ok and rep.count == 4, rep.problems
     lib = Library.open(path)
-    assert sorted(int(s) for s in lib.seeds) == list(range(100, 106)), "no duplicates, nothing missing"
+    assert sorted(int(s) for s in lib.seeds) == list(range(100, 104)), "no duplicates, nothing missing"
     # the resumed entries are the same images a fresh, uninterrupted build stores
     fresh = G.base(tiny_ckpt_name)
-    fresh["10"] = G.build("inproc/uninterrupted", seed_start=100, count=6, batch_size=2, sampler="euler_ancestral")
+    fresh["10"] = G.build("inproc/uninterrupted", seed_start=100, count=4, batch_size=2, sampler="euler_ancestral")
     _ok(comfy_runner.run(fresh))
     other = Library.open(nq_libraries_dir / "inproc" / "uninterrupted")
     order_a, order_b = np.argsort(np.asarray(lib.seeds)), np.argsort(np.asarray(other.seeds))
     np.testing.assert_allclose(np.asarray(lib.column("stats"))[order_a], np.asarray(other.column("stats"))[order_b],
                                atol=1e-6)
+
+
+def test_requeued_build_recreates_a_deleted_library(comfy_runner: InProcessRunner, tiny_ckpt_name: str,
+                                                    nq_libraries_dir: Path) -> None:
+    """Re-queueing a finished build after its library folder was deleted must build it again -- not be served
+    from ComfyUI's cache while the library stays missing (BuildNoiseLibrary has no fingerprint_inputs)."""
+    import shutil
+
+    from noisequery_core import Library
+
+    graph = G.base(tiny_ckpt_name)
+    graph["10"] = G.build("inproc/deleted", seed_start=0, count=2, batch_size=2, thumbnail_size=0)
+    _ok(comfy_runner.run(graph))
+    path = nq_libraries_dir / "inproc" / "deleted"
+    assert Library.open(path).count == 2
+    shutil.rmtree(path)
+    entry = _ok(comfy_runner.run(graph))
+    assert (path / "manifest.json").is_file(), (
+        f"the re-queued build did nothing (cached nodes: {_cached_nodes(entry)}); the library is still missing")
+    assert Library.open(path).count == 2
