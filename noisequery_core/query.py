@@ -241,9 +241,9 @@ class Searcher:
                     ctot = self._color_total(color_terms, None)
                     m = min(len(ctot), max(pool * 4, 200))
                     cand = np.union1d(ann, np.argpartition(-ctot, m - 1)[:m])
-                else:
-                    cand, _ = cs.search(clip_vec, max(pool, 100))
-                clip_w = cs.scores(cand, clip_vec)
+                    clip_w = cs.scores(cand, clip_vec)
+                else:  # the ANN already returns exact re-ranked scores
+                    cand, clip_w = cs.search(clip_vec, max(pool, 100))
         else:
             cand = np.arange(n, dtype=np.int64)
         if len(exclude):
