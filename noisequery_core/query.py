@@ -237,13 +237,13 @@ class Searcher:
                 cand, clip_w = np.arange(n, dtype=np.int64), every
             else:
                 if color_terms:  # ANN candidates ∪ best by colour, so neither side is cut off
-                    ann, _ = cs.search(clip_vec, max(pool * 4, 200))
+                    ann, _ = cs.search(clip_vec, max(pool * 4, 50))
                     ctot = self._color_total(color_terms, None)
-                    m = min(len(ctot), max(pool * 4, 200))
+                    m = min(len(ctot), max(pool * 4, 50))
                     cand = np.union1d(ann, np.argpartition(-ctot, m - 1)[:m])
                     clip_w = cs.scores(cand, clip_vec)
                 else:  # the ANN already returns exact re-ranked scores
-                    cand, clip_w = cs.search(clip_vec, max(pool, 100))
+                    cand, clip_w = cs.search(clip_vec, pool)
         else:
             cand = np.arange(n, dtype=np.int64)
         if len(exclude):
