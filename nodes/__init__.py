@@ -7,9 +7,11 @@ __init__.py's ComfyExtension). Node ids are permanent: saved workflows store the
 from __future__ import annotations
 
 from . import _host
+from .guide_nodes import HighlightScribbleGuide, NoiseQueryHighlightMask
 from .library_nodes import BuildNoiseLibrary, NoiseQueryLibraryInfo
 from .query_nodes import NoiseQueryColor, NoiseQueryText
 
 _host.register_folders()
 
-NODE_CLASSES: list[type] = [BuildNoiseLibrary, NoiseQueryText, NoiseQueryColor, NoiseQueryLibraryInfo]
+NODE_CLASSES: list[type] = [BuildNoiseLibrary, NoiseQueryText, NoiseQueryColor, NoiseQueryLibraryInfo,
+                            HighlightScribbleGuide, NoiseQueryHighlightMask]

@@ -40,3 +40,7 @@ class Cancelled(NoiseQueryError):
 
     Work committed before the cancel point is kept; the operation can be resumed.
     """
+
+
+class HighlightError(NoiseQueryError):
+    """Highlight (scribble) guidance input is malformed: strokes JSON, masks, phrases or the model."""

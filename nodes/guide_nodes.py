@@ -1,0 +1,284 @@
+"""HighlightScribbleGuide (stroke-placed phrases) and NoiseQueryHighlightMask (the same from masks, headless)."""
+
+from __future__ import annotations
+
+import base64
+import io as _io
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+from comfy_api.latest import io
+from PIL import Image
+
+from ..noisequery_core.errors import HighlightError
+from ..noisequery_core.highlight import (
+    EMPTY_HIGHLIGHTS,
+    SCHEDULES,
+    Highlight,
+    check_masks,
+    find_phrase_positions,
+    group_highlights,
+    highlight_map,
+    map_centroid_and_area,
+    parse_strokes,
+)
+from .highlight_runtime import GuideSettings, HighlightRuntime, install
+
+log = logging.getLogger("noisequery")
+
+# A list of (phrase, [H, W] mask) pairs, built by chaining NoiseQueryHighlightMask nodes.
+HighlightsType = io.Custom("NOISEQUERY_HIGHLIGHTS")
+
+# Region colours of the preview output; the widget uses its own palette per phrase.
+PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
+           (240, 50, 230), (210, 245, 60)]
+
+
+# ------------------------------------------------------------------ host-facing helpers
+
+
+def _tokenizer_rows(clip: Any, text: str) -> list[list[int]]:
+    """Token id rows (one per 77-token chunk) of ``text``, as the conditioning lays them out."""
+    tokens = clip.tokenize(text)
+    key = "l" if "l" in tokens else next(iter(tokens))
+    return [[int(t[0]) for t in row] for row in tokens[key]]
+
+
+def _phrase_ids(clip: Any, phrase: str) -> list[int]:
+    """The phrase's token ids without start/end/padding tokens."""
+    tk = clip.tokenizer
+    sub = getattr(tk, "clip_l", None) or getattr(tk, getattr(tk, "clip", ""), None)
+    hf = getattr(sub, "tokenizer", None)
+    if hf is None:
+        raise HighlightError(f"HighlightScribbleGuide: this CLIP ({type(tk).__name__}) has no CLIP-L tokenizer; "
+                             "the guide supports SD1.x and SDXL text encoders")
+    return [int(i) for i in hf(phrase)["input_ids"][1:-1]]
+
+
+def phrase_columns(clip: Any, prompt: str, highlights: list[Highlight]) -> tuple[list[list[int]], int]:
+    """Token positions of each highlight's phrase in the prompt, and the prompt's token count."""
+    rows = _tokenizer_rows(clip, prompt)
+    total = sum(len(r) for r in rows)
+    cols = []
+    for hl in highlights:
+        ids = _phrase_ids(clip, hl.phrase)
+        pos = find_phrase_positions(rows, ids)
+        if not pos:
+            raise HighlightError(f"HighlightScribbleGuide: the phrase '{hl.phrase}' is not in the prompt "
+                                 f"'{prompt[:120]}'. A highlight's phrase must appear in the prompt word for word "
+                                 "(case and spacing do not matter): edit the prompt, or choose the stroke's phrase again")
+        cols.append(pos)
+    return cols, total
+
+
+def check_model(model: Any) -> Any:
+    """The model's model_sampling, after checking its UNet is one whose cross-attention we can guide."""
+    try:
+        import comfy.ldm.modules.diffusionmodules.openaimodel as oai
+        unet = model.model.diffusion_model
+    except Exception as exc:  # not a ModelPatcher of a diffusion model
+        raise HighlightError(f"HighlightScribbleGuide: the model input is not a diffusion model ({exc})") from exc
+    if not isinstance(unet, oai.UNetModel) or getattr(unet, "num_classes", None) not in (None, "sequential"):
+        raise HighlightError(f"HighlightScribbleGuide: cannot guide a {type(model.model).__name__} "
+                             f"({type(unet).__name__}); it patches the cross-attention of SD1.x and SDXL UNets. "
+                             "Connect an SD1.x or SDXL checkpoint's MODEL")
+    ms = model.get_model_object("model_sampling")
+    if not hasattr(ms, "timestep") or not hasattr(ms, "sigmas"):
+        raise HighlightError(f"HighlightScribbleGuide: {type(ms).__name__} sampling is not supported (needs the "
+                             "discrete-timestep sampling of SD1.x / SDXL)")
+    return ms
+
+
+def sigma_to_percent_fn(ms: Any) -> Any:
+    """sigma -> sampling progress, the inverse of ComfyUI's percent_to_sigma (1 - timestep / 999)."""
+    last = float(len(ms.sigmas) - 1)
+
+    def f(sigma: float) -> float:
+        t = float(ms.timestep(torch.tensor([sigma], dtype=torch.float32)).reshape(-1)[0])
+        return min(max(1.0 - t / last, 0.0), 1.0)
+
+    return f
+
+
+def region_preview(highlights: list[Highlight], width: int, height: int, softness: float,
+                   background: torch.Tensor | None) -> torch.Tensor:
+    """An IMAGE [1, H, W, 3] showing each phrase's soft region in its colour (over the background if any)."""
+    w, h = max(8, width // 4), max(8, height // 4)
+    if background is not None:
+        bg = background[:1].movedim(-1, 1).float()
+        base = torch.nn.functional.interpolate(bg, size=(h, w), mode="bilinear", align_corners=False)[0].movedim(0, -1)
+        base = base * 0.6
+    else:
+        base = torch.full((h, w, 3), 0.08)
+    out = base.clone()
+    for i, hl in enumerate(highlights):
+        m = highlight_map(hl, h, w, width / height, softness)[..., None]
+        col = torch.tensor(PALETTE[i % len(PALETTE)], dtype=torch.float32) / 255.0
+        out = out * (1 - 0.75 * m) + col * 0.75 * m
+    return out.clamp(0, 1)[None]
+
+
+def background_data_url(image: torch.Tensor, max_side: int = 512) -> str:
+    arr = (image[0].clamp(0, 1).cpu().numpy() * 255).astype(np.uint8)
+    im = Image.fromarray(arr)
+    im.thumbnail((max_side, max_side))
+    buf = _io.BytesIO()
+    im.save(buf, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+# ------------------------------------------------------------------ nodes
+
+
+class HighlightScribbleGuide(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="HighlightScribbleGuide",
+            display_name="Highlight Scribble Guide",
+            category="NoiseQuery/guide",
+            description=(
+                "Place each phrase of the prompt where you scribble it: draw one stroke per phrase on the canvas "
+                "(or connect mask highlights for headless runs). Returns a patched MODEL and the prompt's "
+                "CONDITIONING for a standard KSampler / SamplerCustomAdvanced. Training-free: during the chosen "
+                "range of sampling the phrase's cross-attention is raised inside its stroke's soft region and "
+                "lowered outside (a bias on the attention logits, through ComfyUI's attention wrapper; it chains "
+                "with other attention patches, but layers another pack has *replaced* with its own attention are "
+                "not guided). Optional refocusing moves the latent along the gradient of an attention loss in the "
+                "first steps (slower: one extra forward + backward per iteration). SD1.x and SDXL UNets."),
+            inputs=[
+                io.Model.Input("model", tooltip="The SD1.x / SDXL model to guide (it is cloned; the input stays unpatched)."),
+                io.Clip.Input("clip", tooltip="The CLIP of the same checkpoint: encodes the prompt and finds which tokens each phrase occupies."),
+                io.String.Input("prompt", multiline=True, default="a cat and a red ball on a lawn",
+                                tooltip="The positive prompt. Every highlighted phrase must appear in it word for word."),
+                io.String.Input("highlights", multiline=True, default=EMPTY_HIGHLIGHTS,
+                                tooltip="The strokes drawn on the canvas, as JSON (saved in the workflow): "
+                                        '{"version": 1, "strokes": [{"phrase", "width", "points": [[x, y], ...]}]}, '
+                                        "x/y as fractions of the image width/height."),
+                io.Int.Input("width", default=512, min=64, max=16384, step=8,
+                             tooltip="Width of the image you will generate; sets the canvas shape (strokes are stored "
+                                     "resolution-independent, so they follow any latent size)."),
+                io.Int.Input("height", default=512, min=64, max=16384, step=8,
+                             tooltip="Height of the image you will generate; sets the canvas shape."),
+                io.Float.Input("strength", default=1.0, min=0.0, max=4.0, step=0.05,
+                               tooltip="How hard each phrase is pulled into its region (0 = off; 1 puts >= 80% of the "
+                                       "phrase's attention inside a region covering a quarter of the image)."),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Start of the guided part of sampling (0 = first step)."),
+                io.Float.Input("end_percent", default=0.6, min=0.0, max=1.0, step=0.01,
+                               tooltip="End of the guided part of sampling; layout is decided early, so guiding the "
+                                       "last steps mostly costs detail."),
+                io.Combo.Input("schedule", options=list(SCHEDULES), default="cosine",
+                               tooltip="How the strength decays over the guided range: cosine or linear from full to 0, "
+                                       "or constant."),
+                io.Float.Input("edge_softness", default=0.5, min=0.0, max=3.0, step=0.05,
+                               tooltip="Falloff beyond the stroke's edge, as a multiple of half the stroke width "
+                                       "(0 = hard edge)."),
+                io.Float.Input("refocus_percent", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Refocusing (loss-guided latent updates, as Attention Refocusing / BoxDiff) runs "
+                                       "from start_percent for this share of sampling; 0 = off. Costs one forward and "
+                                       "backward pass per iteration per step."),
+                io.Int.Input("refocus_iterations", default=2, min=0, max=20,
+                             tooltip="Gradient steps on the latent per refocused sampling step."),
+                io.Float.Input("refocus_step_size", default=0.05, min=0.0, max=1.0, step=0.005,
+                               tooltip="Size of each refocusing step, relative to the current noise level."),
+                HighlightsType.Input("mask_highlights", optional=True,
+                                     tooltip="Highlights from masks (NoiseQuery Highlight Mask nodes), added to the strokes: "
+                                             "the way to place phrases in headless API runs."),
+                io.Image.Input("background", optional=True,
+                               tooltip="An image to draw over (e.g. a previous result); shown under the strokes after "
+                                       "the first run. Not used for sampling."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="model", tooltip="The model with highlight guidance; use with the conditioning below."),
+                io.Conditioning.Output(display_name="conditioning",
+                                       tooltip="The prompt encoded with this CLIP: the positive input of the sampler "
+                                               "(the guide finds the phrases at these token positions)."),
+                io.Image.Output(display_name="regions", tooltip="Preview of each phrase's soft region, in its colour."),
+            ],
+        )
+
+    @classmethod
+    def validate_inputs(cls, highlights: str, start_percent: float, end_percent: float) -> bool | str:
+        try:
+            parse_strokes(highlights)
+        except HighlightError as exc:
+            return str(exc)
+        if end_percent <= start_percent:
+            return f"end_percent ({end_percent}) must be greater than start_percent ({start_percent})"
+        return True
+
+    @classmethod
+    def execute(cls, model: Any, clip: Any, prompt: str, highlights: str, width: int, height: int, strength: float,
+                start_percent: float, end_percent: float, schedule: str, edge_softness: float,
+                refocus_percent: float, refocus_iterations: int, refocus_step_size: float,
+                mask_highlights: list[tuple[str, torch.Tensor]] | None = None,
+                background: torch.Tensor | None = None) -> io.NodeOutput:
+        strokes = parse_strokes(highlights)
+        masks = list(mask_highlights or [])
+        check_masks(masks)
+        groups = group_highlights(strokes, masks)
+        if not groups:
+            raise HighlightError("HighlightScribbleGuide: no highlights. Draw a stroke on the node's canvas for a phrase "
+                                 "of the prompt, or connect NoiseQuery Highlight Mask nodes to mask_highlights")
+        ms = check_model(model)
+        columns, total = phrase_columns(clip, prompt, groups)
+        tokens = clip.tokenize(prompt)
+        conditioning = clip.encode_from_tokens_scheduled(tokens)
+        ctx_len = int(conditioning[0][0].shape[1])
+        if ctx_len != total:
+            raise HighlightError(f"HighlightScribbleGuide: the text encoder gave {ctx_len} tokens for {total} tokenizer "
+                                 "positions; this CLIP lays out tokens in a way the guide does not know")
+        settings = GuideSettings(strength=strength, start_percent=start_percent, end_percent=end_percent,
+                                 schedule=schedule, softness=edge_softness, refocus_steps_percent=refocus_percent,
+                                 refocus_iterations=refocus_iterations, refocus_step_size=refocus_step_size)
+        runtime = HighlightRuntime(groups, columns, ctx_len, settings, sigma_to_percent_fn(ms), width / height)
+        patched = install(model, runtime)
+        lines = []
+        for hl, cols in zip(groups, columns):
+            cx, cy, area = map_centroid_and_area(highlight_map(hl, 64, max(8, round(64 * width / height)),
+                                                               width / height, edge_softness))
+            lines.append(f"{hl.describe()}: tokens {cols[:8]}{'...' if len(cols) > 8 else ''}, centre "
+                         f"({cx:.2f}, {cy:.2f}), {area * 100:.0f}% of the image")
+        log.info("HighlightScribbleGuide: %s", "; ".join(lines))
+        ui: dict[str, list[Any]] = {"text": ["\n".join(lines)]}
+        if background is not None:
+            ui["highlight_background"] = [background_data_url(background)]
+        preview = region_preview(groups, width, height, edge_softness, background)
+        return io.NodeOutput(patched, conditioning, preview, ui=ui)
+
+
+class NoiseQueryHighlightMask(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="NoiseQueryHighlightMask",
+            display_name="NoiseQuery Highlight Mask",
+            category="NoiseQuery/guide",
+            description=("Ties a phrase of the prompt to a MASK region for HighlightScribbleGuide: the stroke-free way "
+                         "(headless API runs, masks painted elsewhere). Chain several through 'previous'."),
+            inputs=[
+                io.Mask.Input("mask", tooltip="Where the phrase goes (white = inside; soft edges allowed). A batch of "
+                                              "masks is merged into one region."),
+                io.String.Input("phrase", default="a cat", tooltip="A phrase that appears word for word in the guide's prompt."),
+                HighlightsType.Input("previous", optional=True, tooltip="Highlights from earlier mask nodes, kept in order."),
+            ],
+            outputs=[HighlightsType.Output(display_name="highlights",
+                                           tooltip="Connect to HighlightScribbleGuide's mask_highlights (or the next mask node).")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, phrase: str) -> bool | str:
+        if not isinstance(phrase, str) or not phrase.strip():
+            return "phrase is empty: type the part of the prompt this mask places"
+        return True
+
+    @classmethod
+    def execute(cls, mask: torch.Tensor, phrase: str, previous: list[tuple[str, torch.Tensor]] | None = None
+                ) -> io.NodeOutput:
+        m = mask if mask.ndim == 3 else mask[None]
+        region = m.float().amax(0).cpu()
+        check_masks([(phrase.strip(), region)])
+        return io.NodeOutput([*(previous or []), (phrase.strip(), region)])
