@@ -260,7 +260,8 @@ def _autograd_safe_weights(module: torch.nn.Module) -> Iterator[None]:
     swapped: list[tuple[torch.nn.Module, str, bool, Any]] = []
     try:
         for mod in module.modules():
-            for store, is_param in ((mod._parameters, True), (mod._buffers, False)):
+            stores: tuple[tuple[dict[str, Any], bool], ...] = ((mod._parameters, True), (mod._buffers, False))
+            for store, is_param in stores:
                 for name, t in list(store.items()):
                     if t is not None and t.is_inference():
                         swapped.append((mod, name, is_param, t))

@@ -57,7 +57,13 @@ SCREENSHOTS = {
     "build_noise_library": "workflow_build.png",
     "text_query_ksampler": "workflow_text_query.png",
     "colour_query_sampler_custom_advanced": "workflow_colour_query.png",
+    "highlight_scribble_guide": "workflow_highlight_scribble.png",
 }
+# Close-ups of a node's drawing widget (web/js/highlight_scribble.js): workflow -> (node class, docs file). When the
+# workflow's node holds no stroke, one is drawn with the mouse for the prompt's first phrase (the picture only;
+# the written workflow keeps the API file's value).
+WIDGET_SHOTS = {"highlight_scribble_guide": ("HighlightScribbleGuide", "highlight_widget.png")}
+WIDGET_ZOOM = 1.5
 RUN_WORKFLOW = "colour_query_sampler_custom_advanced"
 RUN_SCREENSHOT = "nodes_after_run.png"
 # Columns of node ids, left to right, each stacked top to bottom; ids the workflow lacks are skipped. A workflow
@@ -81,6 +87,7 @@ SIZES: dict[str, list[float | None]] = {
     "KSamplerSelect": [260, None],
     "BasicScheduler": [260, None],
     "EmptyLatentImage": [320, None],
+    "HighlightScribbleGuide": [440, 860],  # room for the drawing canvas
 }
 NQ_WIDTH = 340
 # 404s every fresh ComfyUI user directory produces (no custom CSS, no saved workflows yet): not our problem.
@@ -175,6 +182,24 @@ window.__nq = {
   // Visible dialogs and toasts (the schema check of loadGraphData reports through a toast).
   openDialogs: () => Array.from(document.querySelectorAll('.p-dialog, [role=dialog], .p-toast-message'))
       .filter(d => d.offsetParent !== null || d.getClientRects().length).map(d => d.innerText.slice(0, 300)),
+  // Zoom and pan so that the first node of class `type` fills rect (CSS pixels), zoom <= maxZoom; returns its
+  // id and screen box [x, y, w, h] (title bar included).
+  focusNode(type, rect, maxZoom) {
+    const n = app.graph._nodes.find(n => n.type === type), T = LiteGraph.NODE_TITLE_HEIGHT, ds = app.canvas.ds;
+    if (!n) return null;
+    const [x0, y0, x1, y1] = rect, w = n.size[0], h = n.size[1] + T;
+    const scale = Math.min((x1 - x0) / w, (y1 - y0) / h, maxZoom);
+    ds.scale = scale;
+    ds.offset = [(x0 + ((x1 - x0) - w * scale) / 2) / scale - n.pos[0], (y0 + ((y1 - y0) - h * scale) / 2) / scale - (n.pos[1] - T)];
+    app.canvas.setDirty(true, true);
+    const r = app.canvas.canvas.getBoundingClientRect();
+    return { id: n.id, box: [r.left + (n.pos[0] + ds.offset[0]) * scale, r.top + (n.pos[1] - T + ds.offset[1]) * scale,
+                             w * scale, h * scale] };
+  },
+  strokeCount(id) {
+    const w = app.graph.getNodeById(id).widgets.find(w => w.name === 'highlights');
+    try { return JSON.parse(w.value).strokes.length; } catch { return -1; }
+  },
   imagesShown(ids) {
     return ids.every(id => { const n = app.graph.getNodeById(id);
       return n && n.imgs && n.imgs.length > 0 && n.imgs.every(i => i.complete && i.naturalWidth > 0); });
@@ -226,11 +251,11 @@ class Page:
     def settle(self, ms: int = 800) -> None:
         self.page.wait_for_timeout(ms)
 
-    def screenshot(self, path: Path) -> None:
+    def screenshot(self, path: Path, clip: dict[str, float] | None = None) -> None:
         self.page.mouse.move(2, VIEWPORT["height"] // 2)  # no hover highlight or tooltip on a node
         self.settle(600)
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.page.screenshot(path=str(path))
+        self.page.screenshot(path=str(path), clip=clip)
         dialogs = self.js("() => __nq.openDialogs()")
         if dialogs:
             self._add("dialog", f"dialog open in {path.name}: {dialogs}")
@@ -405,6 +430,8 @@ def main() -> int:
                     if not args.no_screenshots and name in SCREENSHOTS:
                         page.js("([r, z]) => __nq.fit(r, z)", [list(FIT_RECT), MAX_ZOOM])
                         page.screenshot(DOCS / SCREENSHOTS[name])
+                    if not args.no_screenshots and name in WIDGET_SHOTS:
+                        widget_shot(page, *WIDGET_SHOTS[name], failures)
                     page.close()
 
                 # ---- 3. run the colour query through the Run button ----
@@ -440,6 +467,34 @@ def frontend_version() -> str:
         return version("comfyui-frontend-package")
     except Exception:  # noqa: BLE001
         return "?"
+
+
+def widget_shot(page: Page, node_type: str, filename: str, failures: list[str]) -> None:
+    """Zoom onto the node's drawing widget, draw a stroke if it has none, and save a close-up in docs/."""
+    focus = page.js("([t, r, z]) => __nq.focusNode(t, r, z)", [node_type, list(FIT_RECT), WIDGET_ZOOM])
+    if focus is None:
+        failures.append(f"{filename}: no {node_type} node in the workflow")
+        return
+    nid = focus["id"]
+    page.settle()
+    canvas = page.page.locator(f'.nq-highlight[data-node-id="{nid}"] canvas')
+    if page.js("(i) => __nq.strokeCount(i)", nid) < 1:
+        box = canvas.bounding_box()
+        if not box:
+            failures.append(f"{filename}: the drawing widget of node {nid} is not shown")
+            return
+        path = [(0.3, 0.35), (0.42, 0.3), (0.55, 0.38), (0.62, 0.55), (0.5, 0.68), (0.36, 0.62)]
+        page.page.mouse.move(box["x"] + path[0][0] * box["width"], box["y"] + path[0][1] * box["height"])
+        page.page.mouse.down()
+        for x, y in path[1:]:
+            page.page.mouse.move(box["x"] + x * box["width"], box["y"] + y * box["height"], steps=6)
+        page.page.mouse.up()
+        if page.js("(i) => __nq.strokeCount(i)", nid) < 1:
+            failures.append(f"{filename}: drawing on node {nid} left no stroke")
+    x, y, w, h = focus["box"]
+    pad = 12
+    page.screenshot(DOCS / filename, clip={"x": max(0, x - pad), "y": max(0, y - pad),
+                                          "width": w + 2 * pad, "height": h + 2 * pad})
 
 
 def run_and_shoot(browser: Any, server: comfy_harness.ComfyServer, ui_file: Path, ckpt_name: str,
