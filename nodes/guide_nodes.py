@@ -102,6 +102,18 @@ def sigma_to_percent_fn(ms: Any) -> Any:
     return f
 
 
+def _stroke_rgb(hl: Highlight) -> tuple[int, int, int] | None:
+    """The colour the widget gave the phrase's first stroke ("#rrggbb"), so the preview matches the canvas."""
+    for s in hl.strokes:
+        c = (s.color or "").lstrip("#")
+        if len(c) == 6:
+            try:
+                return int(c[0:2], 16), int(c[2:4], 16), int(c[4:6], 16)
+            except ValueError:
+                return None
+    return None
+
+
 def region_preview(highlights: list[Highlight], width: int, height: int, softness: float,
                    background: torch.Tensor | None) -> torch.Tensor:
     """An IMAGE [1, H, W, 3] showing each phrase's soft region in its colour (over the background if any)."""
@@ -115,7 +127,7 @@ def region_preview(highlights: list[Highlight], width: int, height: int, softnes
     out = base.clone()
     for i, hl in enumerate(highlights):
         m = highlight_map(hl, h, w, width / height, softness)[..., None]
-        col = torch.tensor(PALETTE[i % len(PALETTE)], dtype=torch.float32) / 255.0
+        col = torch.tensor(_stroke_rgb(hl) or PALETTE[i % len(PALETTE)], dtype=torch.float32) / 255.0
         out = out * (1 - 0.75 * m) + col * 0.75 * m
     return out.clamp(0, 1)[None]
 

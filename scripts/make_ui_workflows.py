@@ -73,6 +73,9 @@ LAYOUTS: dict[str, list[list[str]]] = {
     "text_query_ksampler": [["1", "4", "5", "2"], ["6", "8"], ["7", "9"], ["10", "11"]],
     "colour_query_sampler_custom_advanced": [["1", "4", "5", "2"], ["6"], ["8", "9", "7"], ["10", "11"],
                                              ["12", "13"]],
+    "highlight_scribble_guide": [["1", "4", "3"], ["2"], ["5", "8"], ["6", "7"]],
+    "highlight_masks_headless": [["10", "11", "14"], ["12", "15"], ["13", "16"], ["1", "4", "3"], ["2"], ["5", "8"],
+                                 ["6", "7"]],
 }
 # Node sizes [width, height] by class (height None = what the node needs); NoiseQuery nodes are widened.
 SIZES: dict[str, list[float | None]] = {

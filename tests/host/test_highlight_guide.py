@@ -297,3 +297,29 @@ def test_bad_strokes_json_is_refused_over_http(comfy_server: ComfyServer, tiny_c
     err = comfy_harness.execution_error(entry)
     assert err is not None and "'a dog' is not in the prompt" in err["exception_message"]
     assert comfy_server.alive and "KSampler" in comfy_server.object_info("KSampler")
+
+
+def _shrunk_example(name: str, ckpt: str) -> dict[str, Any]:
+    """An example workflow on the tiny checkpoint: every size and mask offset scaled from 512 to SIZE, 2 steps."""
+    graph = json.loads((G.REPO_ROOT / "example_workflows" / "api" / name).read_text(encoding="utf-8"))
+    scale = SIZE / 512
+    for node in graph.values():
+        inputs = node["inputs"]
+        if "ckpt_name" in inputs:
+            inputs["ckpt_name"] = ckpt
+        for key in ("width", "height", "x", "y"):
+            if isinstance(inputs.get(key), int):
+                inputs[key] = int(inputs[key] * scale)
+        if "steps" in inputs:
+            inputs["steps"] = 2
+    return graph
+
+
+@pytest.mark.parametrize("name", ["highlight_scribble_guide.json", "highlight_masks_headless.json"])
+def test_example_workflows_run_over_http(name: str, comfy_server: ComfyServer, tiny_ckpt_name: str) -> None:
+    entry = comfy_server.run(_shrunk_example(name, tiny_ckpt_name), timeout=300)
+    assert comfy_harness.execution_error(entry) is None, entry["status"]
+    assert len(comfy_harness.output_images(entry, "7")) == 1  # SaveImage
+    assert len(comfy_harness.output_images(entry, "8")) == 1  # region preview
+    text = "\n".join(entry["outputs"]["2"]["text"])
+    assert "'a cat'" in text and "'a red ball'" in text
