@@ -7,9 +7,14 @@ __init__.py's ComfyExtension). Node ids are permanent: saved workflows store the
 from __future__ import annotations
 
 from . import _host
+from .explore_nodes import NoiseQueryVariantPicker, NoiseQueryVariations
+from .interp_nodes import NoiseQueryConditioningInterpolate, NoiseQuerySeedGrid, NoiseQuerySeedSlerp
 from .library_nodes import BuildNoiseLibrary, NoiseQueryLibraryInfo
 from .query_nodes import NoiseQueryColor, NoiseQueryText
+from .rank_nodes import NoiseQueryRank
 
 _host.register_folders()
 
 NODE_CLASSES: list[type] = [BuildNoiseLibrary, NoiseQueryText, NoiseQueryColor, NoiseQueryLibraryInfo]
+NODE_CLASSES += [NoiseQuerySeedSlerp, NoiseQuerySeedGrid, NoiseQueryConditioningInterpolate, NoiseQueryVariations,
+                 NoiseQueryVariantPicker, NoiseQueryRank]
