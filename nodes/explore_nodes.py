@@ -86,7 +86,7 @@ class NoiseQueryVariations(io.ComfyNode):
                 "current_noise/current_positive are where the walk stands, to render the final image at full size."
             ),
             inputs=[
-                io.Int.Input("seed", default=0, min=0, max=SEED_MAX, tooltip="Where the walk starts (e.g. a Noise Query seed). Changing it with picks in the history is refused: clear the history to start over."),
+                io.Int.Input("seed", default=0, min=0, max=SEED_MAX, control_after_generate=False, tooltip="Where the walk starts (e.g. a Noise Query seed). Changing it with picks in the history is refused: clear the history to start over."),
                 io.Conditioning.Input("positive", tooltip="The prompt to render with; moved only when cond_strength > 0."),
                 io.Int.Input("variants", default=4, min=1, max=MAX_VARIANTS, tooltip="How many variants each round offers (the batch size to render)."),
                 io.Float.Input("strength", default=0.3, min=0.0, max=1.0, step=0.01, tooltip="How far each variant moves from the current noise: 0 = same noise, 1 = an unrelated seed's noise."),

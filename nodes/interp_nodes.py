@@ -25,6 +25,8 @@ from ..noisequery_core.interp import (
 )
 
 SEED_MAX = 0xFFFFFFFFFFFFFFFF
+# Seed inputs here say control_after_generate=False: the frontend otherwise gives any INT named "seed" a
+# "randomize after each run" control, which would change a walk's endpoints (or break an explorer's history).
 MAX_STEPS = 256
 T_LIMIT = 8.0
 # The frontend rounds floats to the step's decimals: 0.0001 lets a factor move in tiny steps (a strip over a
@@ -82,8 +84,8 @@ class NoiseQuerySeedSlerp(io.ComfyNode):
                 "SamplerCustomAdvanced. Same seed on both ends = that seed's noise on every item (for a prompt walk)."
             ),
             inputs=[
-                io.Int.Input("seed_a", default=0, min=0, max=SEED_MAX, tooltip="Seed at t=0 (connect a Noise Query seed to start from a library hit)."),
-                io.Int.Input("seed_b", default=1, min=0, max=SEED_MAX, tooltip="Seed at t=1."),
+                io.Int.Input("seed_a", default=0, min=0, max=SEED_MAX, control_after_generate=False, tooltip="Seed at t=0 (connect a Noise Query seed to start from a library hit)."),
+                io.Int.Input("seed_b", default=1, min=0, max=SEED_MAX, control_after_generate=False, tooltip="Seed at t=1."),
                 io.Int.Input("steps", default=8, min=1, max=MAX_STEPS, tooltip="How many noises (batch items) from t_start to t_end, both included."),
                 io.Float.Input("t_start", default=0.0, min=-T_LIMIT, max=T_LIMIT, step=T_STEP, tooltip="Factor of the first item: 0 = seed A, 1 = seed B; below 0 extrapolates beyond A."),
                 io.Float.Input("t_end", default=1.0, min=-T_LIMIT, max=T_LIMIT, step=T_STEP, tooltip="Factor of the last item; above 1 extrapolates beyond B. A small range gives arbitrarily small steps."),
@@ -124,10 +126,10 @@ class NoiseQuerySeedGrid(io.ComfyNode):
                 "corners. Use with SamplerCustomAdvanced and the `latent` output."
             ),
             inputs=[
-                io.Int.Input("seed_top_left", default=0, min=0, max=SEED_MAX, tooltip="Seed of the top-left cell."),
-                io.Int.Input("seed_top_right", default=1, min=0, max=SEED_MAX, tooltip="Seed of the top-right cell."),
-                io.Int.Input("seed_bottom_left", default=2, min=0, max=SEED_MAX, tooltip="Seed of the bottom-left cell."),
-                io.Int.Input("seed_bottom_right", default=3, min=0, max=SEED_MAX, tooltip="Seed of the bottom-right cell."),
+                io.Int.Input("seed_top_left", default=0, min=0, max=SEED_MAX, control_after_generate=False, tooltip="Seed of the top-left cell."),
+                io.Int.Input("seed_top_right", default=1, min=0, max=SEED_MAX, control_after_generate=False, tooltip="Seed of the top-right cell."),
+                io.Int.Input("seed_bottom_left", default=2, min=0, max=SEED_MAX, control_after_generate=False, tooltip="Seed of the bottom-left cell."),
+                io.Int.Input("seed_bottom_right", default=3, min=0, max=SEED_MAX, control_after_generate=False, tooltip="Seed of the bottom-right cell."),
                 io.Int.Input("rows", default=3, min=1, max=16, tooltip="Cells from top to bottom."),
                 io.Int.Input("columns", default=3, min=1, max=16, tooltip="Cells from left to right."),
                 *latent_size_inputs(),

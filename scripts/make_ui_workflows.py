@@ -57,6 +57,8 @@ SCREENSHOTS = {
     "build_noise_library": "workflow_build.png",
     "text_query_ksampler": "workflow_text_query.png",
     "colour_query_sampler_custom_advanced": "workflow_colour_query.png",
+    "seed_interpolation_strip": "workflow_seed_interpolation.png",
+    "variation_explorer": "workflow_variation_explorer.png",
 }
 RUN_WORKFLOW = "colour_query_sampler_custom_advanced"
 RUN_SCREENSHOT = "nodes_after_run.png"
@@ -67,6 +69,9 @@ LAYOUTS: dict[str, list[list[str]]] = {
     "text_query_ksampler": [["1", "4", "5", "2"], ["6", "8"], ["7", "9"], ["10", "11"]],
     "colour_query_sampler_custom_advanced": [["1", "4", "5", "2"], ["6"], ["8", "9", "7"], ["10", "11"],
                                              ["12", "13"]],
+    "seed_interpolation_strip": [["1", "4", "5"], ["6"], ["7", "8", "9"], ["10", "11"], ["12"]],
+    "prompt_interpolation_strip": [["1", "4", "13", "5"], ["14", "6"], ["7", "8", "9"], ["10", "11"], ["12"]],
+    "variation_explorer": [["1", "4", "5"], ["6"], ["7", "8", "9"], ["10", "11"], ["12"]],
 }
 # Node sizes [width, height] by class (height None = what the node needs); NoiseQuery nodes are widened.
 SIZES: dict[str, list[float | None]] = {

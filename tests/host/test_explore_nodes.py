@@ -351,6 +351,9 @@ def test_object_info_of_the_new_nodes(comfy_server: ComfyServer) -> None:
         tips = d.get("output_tooltips") or []
         assert len(tips) == len(d["output"]) and all(t.strip() for t in tips), node
     assert info["NoiseQuerySeedSlerp"]["output"] == ["NOISE", "LATENT", "STRING"]
+    # without an explicit False the frontend adds a "randomize" control to an INT named seed: a walk's start
+    # would change after every run and the explorer would refuse its own history
+    assert info["NoiseQueryVariations"]["input"]["required"]["seed"][1]["control_after_generate"] is False
     assert info["NoiseQueryVariations"]["output"][-1] == "NOISEQUERY_EXPLORATION"
     assert info["NoiseQueryVariantPicker"]["output_node"] is True
     assert "none" in info["NoiseQueryRank"]["input"]["required"]["aesthetic_model"][1]["options"]
