@@ -388,3 +388,28 @@ def test_explorer_example_over_http_headless_pick(comfy_server: ComfyServer, tin
     graph[exp]["inputs"].update(pick=-1, history=history)
     entry2 = _ok(comfy_server.run(graph, timeout=240))  # what a saved workflow sends after the pick
     assert entry2["outputs"][exp]["noisequery_history"][0] == history
+
+
+def test_headless_walk_with_comfy_api_run(comfy_server: ComfyServer, tiny_ckpt_name: str, tmp_path: Path) -> None:
+    """scripts/comfy_api_run.py as the headless client: it saves the picker's variants and prints the history,
+    which goes back in with --set (kept as text although it is JSON) together with a pick."""
+    import subprocess
+    import sys
+
+    def run(*sets: str) -> tuple[str, list[Path]]:
+        out = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
+        cmd = [sys.executable, str(REPO_ROOT / "scripts" / "comfy_api_run.py"), str(EXAMPLES / "variation_explorer.json"),
+               "--server", comfy_server.url, "--out", str(out), "--timeout", "180",
+               "--set", f"1.ckpt_name={tiny_ckpt_name}", "--set", "6.width=64", "--set", "6.height=64",
+               "--set", "6.variants=3", "--set", "9.steps=2", *[a for s in sets for a in ("--set", s)]]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=str(REPO_ROOT))
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        line = next(x for x in proc.stdout.splitlines() if x.startswith("[6] history: "))
+        return line.split(": ", 1)[1], sorted(out.glob("12_*.png"))
+
+    first, images = run()
+    assert len(images) == 3, "the picker's variants are saved"
+    walked, _ = run(f"6.history={first}", "6.pick=2")
+    assert [p["index"] for p in json.loads(walked)["picks"]] == [2]
+    again, _ = run(f"6.history={walked}", "6.pick=0")
+    assert [p["index"] for p in json.loads(again)["picks"]] == [2, 0]
