@@ -15,6 +15,7 @@ import torch
 from comfy_api.latest import io
 
 from ..noisequery_core import ClipSpec, QueryError
+from ..noisequery_core.clip import spec_for_identity
 from ..noisequery_core.rank import AestheticHead, clip_scores, embed_images, rank
 from . import _host
 from .sampling import to_pil
@@ -99,6 +100,7 @@ class NoiseQueryRank(io.ComfyNode):
                 io.Combo.Input("aesthetic_model", options=aesthetic_choices(), default="none", tooltip="Optional score head in models/noisequery_aesthetic; 'none' to rank by CLIP score only."),
                 io.Float.Input("aesthetic_weight", default=1.0, min=0.0, max=10.0, step=0.1, tooltip="Weight of the aesthetic score (in standard deviations over the batch)."),
                 io.Noise.Input("noise", optional=True, tooltip="Optional: the NOISE that produced the batch (item i made image i), to return the winner's noise and seed."),
+                io.Combo.Input("library", options=["none", *_host.library_names()], default="none", optional=True, tooltip="Optional: a noise library with CLIP features. Its CLIP model replaces clip_model, and when `noise` comes from a Noise Query on it, the hits' stored full-size image embeddings are used instead of embedding `images`."),
             ],
             outputs=[
                 io.Image.Output(display_name="best_image", tooltip="The best-ranked image."),
@@ -112,14 +114,30 @@ class NoiseQueryRank(io.ComfyNode):
 
     @classmethod
     def execute(cls, images: torch.Tensor, text: str, clip_model: str, clip_weight: float, aesthetic_model: str,
-                aesthetic_weight: float, noise: Any = None) -> io.NodeOutput:
+                aesthetic_weight: float, noise: Any = None, library: str = "none") -> io.NodeOutput:
         use_clip = bool(text.strip()) and clip_weight > 0
         use_aesthetic = aesthetic_model != "none" and aesthetic_weight > 0
         if not (use_clip or use_aesthetic):
             raise QueryError("NoiseQueryRank has nothing to rank by: type a prompt in `text` (CLIP score) and/or "
                              "choose an aesthetic_model, with a weight above 0.")
-        embedder = _host.embedder_for(ClipSpec.parse(clip_model))
-        embs = embed_images(embedder, to_pil(images), check_cancel=_host.raise_if_interrupted)
+        n = images.shape[0]
+        seeds = list(getattr(noise, "seeds", []) or [])
+        embs, source = None, f"clip {clip_model}"
+        if library and library != "none":
+            lib = _host.open_library(library)
+            if lib.features.clip is None:
+                raise QueryError(f"library {library!r} has no CLIP features (built with clip_model 'none'); choose "
+                                 "library 'none' to rank with clip_model, or rebuild the library with a CLIP model.")
+            embedder = _host.embedder_for(spec_for_identity(lib.features.clip))
+            source = f"clip of library {library} ({lib.features.clip.model}/{lib.features.clip.pretrained})"
+            item_seeds = [seeds[i % len(seeds)] for i in range(n)] if seeds else []
+            if item_seeds and bool(lib.contains(item_seeds).all()):
+                embs = lib.column("clip")[lib.rows_of(item_seeds)].astype("float32")
+                source += ", stored embeddings of the hits"
+        else:
+            embedder = _host.embedder_for(ClipSpec.parse(clip_model))
+        if embs is None:
+            embs = embed_images(embedder, to_pil(images), check_cancel=_host.raise_if_interrupted)
         metrics, weights = {}, {}
         if use_clip:
             metrics["clip"] = clip_scores(embs, embedder.encode_text([text])[0])
@@ -129,8 +147,6 @@ class NoiseQueryRank(io.ComfyNode):
             weights["aesthetic"] = aesthetic_weight
         ranking = rank(metrics, weights)
         best = ranking.best
-        n = images.shape[0]
-        seeds = list(getattr(noise, "seeds", []) or [])
         labels = [f"image {i}" + (f" (seed {seeds[i % len(seeds)]})" if seeds else "") for i in range(n)]
         if seeds:
             best_seed = int(seeds[best % len(seeds)])
@@ -143,7 +159,7 @@ class NoiseQueryRank(io.ComfyNode):
         elif not seeds:
             notes.append("note: the connected NOISE has no per-item seeds (interpolated or explored noise): use "
                          "best_noise; best_seed is the NOISE's own seed.")
-        report = "\n".join([f"clip {clip_model}" + (f", aesthetic {aesthetic_model}" if use_aesthetic else ""),
+        report = "\n".join([source + (f", aesthetic {aesthetic_model}" if use_aesthetic else ""),
                             ranking.report(labels), *notes])
         ranked = images[ranking.order]
         return io.NodeOutput(images[best:best + 1], best, best_seed, best_noise, ranked, report, ui={"text": [report]})

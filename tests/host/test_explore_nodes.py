@@ -295,27 +295,46 @@ def test_rank_by_clip_and_aesthetic_returns_the_winners_noise(comfy_nodes: Any, 
     assert order == want and best_index == want[0]
 
 
-def test_rank_seeds_of_query_hits(comfy_runner: InProcessRunner, tiny_ckpt_name: str, clip_weights: Path) -> None:
-    """A Noise Query's thumbnails + NOISE in: best_seed is the winning hit's seed, best_noise its KSampler noise."""
+def test_rank_seeds_of_query_hits(comfy_runner: InProcessRunner, tiny_ckpt_name: str, clip_weights: Path,
+                                  nq_libraries_dir: Path, comfy_nodes: Any) -> None:
+    """A Noise Query's thumbnails + NOISE in: best_seed is the winning hit's seed, best_noise its KSampler noise.
+    With the library named, its CLIP model and the hits' stored full-size embeddings rank them."""
     import comfy.sample
     import torch
 
+    from noisequery_core import Library
+    from noisequery_core.rank import clip_scores, rank
+
     lib = "inproc/rank_hits"
     graph = G.base(tiny_ckpt_name)
-    graph["10"] = G.build(lib, seed_start=40, count=4, batch_size=4)
+    graph["10"] = G.build(lib, seed_start=40, count=6, batch_size=3, clip_model="ViT-B-32:openai")
     _ok(comfy_runner.run(graph))
     graph = G.base(tiny_ckpt_name)
     graph["20"] = G.color_query(lib, top_k=4)
-    graph["30"] = {"class_type": "NoiseQueryRank", "inputs": {
-        "images": ["20", 3], "text": "a blue sea", "clip_model": "ViT-B-32:openai", "clip_weight": 1.0,
-        "aesthetic_model": "none", "aesthetic_weight": 1.0, "noise": ["20", 1]}}
+    rank_inputs = {"images": ["20", 3], "text": "a blue sea", "clip_model": "ViT-B-32:openai", "clip_weight": 1.0,
+                   "aesthetic_model": "none", "aesthetic_weight": 1.0, "noise": ["20", 1]}
+    graph["30"] = {"class_type": "NoiseQueryRank", "inputs": rank_inputs}
     graph["31"] = {"class_type": "PreviewImage", "inputs": {"images": ["30", 0]}}
+    graph["32"] = {"class_type": "NoiseQueryRank", "inputs": {**rank_inputs, "library": lib}}
+    graph["33"] = {"class_type": "PreviewImage", "inputs": {"images": ["32", 0]}}
     _ok(comfy_runner.run(graph))
-    hits = comfy_runner.node_outputs("20")[1].seeds
+    hits = list(comfy_runner.node_outputs("20")[1].seeds)
     _, best_index, best_seed, best_noise, _, report = comfy_runner.node_outputs("30")
     assert best_seed == hits[best_index] and f"seed {best_seed}" in report.splitlines()[2], report
     got = best_noise.generate_noise({"samples": torch.zeros(1, 4, 8, 8)})
     assert torch.equal(got[0], comfy.sample.prepare_noise(torch.zeros(1, 4, 8, 8), best_seed)[0])
+
+    _, best_index, best_seed, _, ranked, report = comfy_runner.node_outputs("32")
+    assert "stored embeddings of the hits" in report.splitlines()[0], report
+    library = Library.open(nq_libraries_dir / "inproc" / "rank_hits")
+    host = G.pack_module(comfy_nodes, "nodes._host")
+    from noisequery_core.clip import spec_for_identity
+
+    emb = host.embedder_for(spec_for_identity(library.features.clip))
+    stored = library.column("clip")[library.rows_of(hits)].astype("float32")
+    want = rank({"clip": clip_scores(stored, emb.encode_text(["a blue sea"])[0])}, {"clip": 1.0}).order
+    assert best_index == want[0] and best_seed == hits[want[0]]
+    assert [int(line.split()[2]) for line in report.splitlines()[2:6]] == want, report  # "#r image i (seed s) ..."
 
 
 # --------------------------------------------------------------------------------------------- server
