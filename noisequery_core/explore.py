@@ -170,7 +170,8 @@ def step_tokens(tokens: torch.Tensor, seed: int, strength: float) -> torch.Tenso
     if float(strength) == 0.0:
         return tokens
     x = tokens.double()
-    d = _direction(seed, tuple(tokens.shape), torch.float64)
+    # drawn on the CPU (as every NoiseQuery noise, so it does not depend on the device), then moved to the tokens'
+    d = _direction(seed, tuple(tokens.shape), torch.float64).to(tokens.device)
     return (x + float(strength) * x.norm(dim=-1, keepdim=True) * d).to(tokens.dtype)
 
 

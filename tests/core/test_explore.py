@@ -111,3 +111,10 @@ def test_history_from_another_seed_is_refused() -> None:
         History.parse(h.to_json(), 11)
     # an empty history carries no commitment: any seed starts a new walk
     assert History.parse(History(10).to_json(), 11).start_seed == 11
+
+
+def test_half_precision_tokens_keep_their_dtype() -> None:
+    tokens = torch.randn(1, 77, 64).half()
+    h = History.parse("", 3)
+    out = variant_tokens(h, candidates(h, 2, 0.2, 0.1), tokens)
+    assert out.dtype == torch.float16 and out.shape == (2, 77, 64) and torch.isfinite(out).all()
