@@ -7,11 +7,18 @@ __init__.py's ComfyExtension). Node ids are permanent: saved workflows store the
 from __future__ import annotations
 
 from . import _host
+from .explore_nodes import NoiseQueryVariantPicker, NoiseQueryVariations
 from .guide_nodes import HighlightScribbleGuide, NoiseQueryHighlightMask
+from .interp_nodes import NoiseQueryConditioningInterpolate, NoiseQuerySeedGrid, NoiseQuerySeedSlerp
 from .library_nodes import BuildNoiseLibrary, NoiseQueryLibraryInfo
 from .query_nodes import NoiseQueryColor, NoiseQueryText
+from .rank_nodes import NoiseQueryRank
 
 _host.register_folders()
 
-NODE_CLASSES: list[type] = [BuildNoiseLibrary, NoiseQueryText, NoiseQueryColor, NoiseQueryLibraryInfo,
-                            HighlightScribbleGuide, NoiseQueryHighlightMask]
+NODE_CLASSES: list[type] = [
+    BuildNoiseLibrary, NoiseQueryText, NoiseQueryColor, NoiseQueryLibraryInfo,  # library and queries
+    HighlightScribbleGuide, NoiseQueryHighlightMask,  # guide
+    NoiseQuerySeedSlerp, NoiseQuerySeedGrid, NoiseQueryConditioningInterpolate,  # infinite index
+    NoiseQueryVariations, NoiseQueryVariantPicker, NoiseQueryRank,
+]

@@ -23,6 +23,7 @@ log = logging.getLogger("noisequery")
 
 LIBRARY_FOLDER = "noise_libraries"
 CLIP_FOLDER = "noisequery_clip"
+AESTHETIC_FOLDER = "noisequery_aesthetic"  # score heads on CLIP embeddings (nodes/rank_nodes.py)
 
 CLIP_CHOICES = ["ViT-B-32:openai", "ViT-B-16:openai", "ViT-L-14:openai", "ViT-H-14:laion2b_s32b_b79k", "none"]
 
@@ -33,7 +34,7 @@ def register_folders() -> None:
     The first registered folder is created when none of them exists yet (so a fresh install
     has a models/noise_libraries to build into, and a moved one is not shadowed).
     """
-    for name in (LIBRARY_FOLDER, CLIP_FOLDER):
+    for name in (LIBRARY_FOLDER, CLIP_FOLDER, AESTHETIC_FOLDER):
         default = os.path.join(folder_paths.models_dir, name)
         known = folder_paths.folder_names_and_paths.get(name, ([], set()))[0]
         if default not in known:

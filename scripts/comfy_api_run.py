@@ -5,7 +5,8 @@
         --server http://127.0.0.1:8188 --set 6.text="a snowy forest" --set 1.ckpt_name=sd15.safetensors --out results/
 
 --set NODE.INPUT=VALUE overrides a widget value (VALUE is parsed as JSON when it can be, else
-taken as a string). Exits 0 on success, 1 when ComfyUI rejects or fails the prompt (its error
+taken as a string; an input that holds a string in the workflow always gets the string, so a JSON
+text such as an explorer history stays text). Exits 0 on success, 1 when ComfyUI rejects or fails the prompt (its error
 is printed), 2 on bad arguments.
 """
 
@@ -37,10 +38,12 @@ def apply_overrides(graph: dict[str, Any], sets: list[str]) -> None:
         node, dot, inp = target.partition(".")
         if not sep or not dot or node not in graph:
             raise SystemExit(f"error: --set {item!r}: write NODE.INPUT=VALUE with a node id of the workflow ({', '.join(graph)})")
-        try:
-            parsed: Any = json.loads(value)
-        except json.JSONDecodeError:
-            parsed = value
+        parsed: Any = value
+        if not isinstance(graph[node]["inputs"].get(inp), str):
+            try:
+                parsed = json.loads(value)
+            except json.JSONDecodeError:
+                pass
         graph[node]["inputs"][inp] = parsed
 
 
@@ -73,7 +76,11 @@ def run(server: str, graph: dict[str, Any], out: Path, timeout: float) -> int:
     for node_id, ui in entry.get("outputs", {}).items():
         for text in ui.get("text", []):
             print(f"[{node_id}] {text}")
-        for img in ui.get("images", []):
+        for text in ui.get("noisequery_history", []):  # NoiseQueryVariations: send it back as --set N.history=...
+            print(f"[{node_id}] history: {text}")
+        # "images", and image lists under other keys (the Variant Picker's "noisequery_variants")
+        records = [r for v in ui.values() if isinstance(v, list) for r in v if isinstance(r, dict) and "filename" in r]
+        for img in records:
             q = urllib.parse.urlencode({"filename": img["filename"], "subfolder": img.get("subfolder", ""), "type": img.get("type", "output")})
             data = _request(server, f"/view?{q}")
             dest = out / f"{node_id}_{img['filename']}"

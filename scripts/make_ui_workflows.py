@@ -58,6 +58,8 @@ SCREENSHOTS = {
     "text_query_ksampler": "workflow_text_query.png",
     "colour_query_sampler_custom_advanced": "workflow_colour_query.png",
     "highlight_scribble_guide": "workflow_highlight_scribble.png",
+    "seed_interpolation_strip": "workflow_seed_interpolation.png",
+    "variation_explorer": "workflow_variation_explorer.png",
 }
 # Close-ups of a node's drawing widget (web/js/highlight_scribble.js): workflow -> (node class, docs file). When the
 # workflow's node holds no stroke, one is drawn with the mouse for the prompt's first phrase (the picture only;
@@ -76,6 +78,9 @@ LAYOUTS: dict[str, list[list[str]]] = {
     "highlight_scribble_guide": [["1", "4", "3"], ["2"], ["5", "8"], ["6", "7"]],
     "highlight_masks_headless": [["10", "11", "14"], ["12", "15"], ["13", "16"], ["1", "4", "3"], ["2"], ["5", "8"],
                                  ["6", "7"]],
+    "seed_interpolation_strip": [["1", "4", "5"], ["6"], ["7", "8", "9"], ["10", "11"], ["12"]],
+    "prompt_interpolation_strip": [["1", "4", "13", "5"], ["14", "6"], ["7", "8", "9"], ["10", "11"], ["12"]],
+    "variation_explorer": [["1", "4", "5"], ["6"], ["7", "8", "9"], ["10", "11"], ["12"]],
 }
 # Node sizes [width, height] by class (height None = what the node needs); NoiseQuery nodes are widened.
 SIZES: dict[str, list[float | None]] = {

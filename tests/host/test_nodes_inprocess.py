@@ -25,7 +25,9 @@ pytestmark = pytest.mark.skipif(comfy_harness.find_comfyui() is None, reason=com
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PACK_NODE_IDS = {"BuildNoiseLibrary", "NoiseQueryText", "NoiseQueryColor", "NoiseQueryLibraryInfo",
-                 "HighlightScribbleGuide", "NoiseQueryHighlightMask"}
+                 "HighlightScribbleGuide", "NoiseQueryHighlightMask",
+                 "NoiseQuerySeedSlerp", "NoiseQuerySeedGrid", "NoiseQueryConditioningInterpolate", "NoiseQueryVariations",
+                 "NoiseQueryVariantPicker", "NoiseQueryRank"}
 PERMANENT_IDS = ("BuildNoiseLibrary", "NoiseQueryText", "NoiseQueryColor", "HighlightScribbleGuide")  # stored in users' saved workflows
 
 COLOR_LIB = "inproc/color_96x64"  # colour-only, 96 wide x 64 high (latent 4 x 8 x 12), seeds 0..7

@@ -2,7 +2,9 @@
 // read-only box on the node. Kept in sync with nodes/*.py, which return ui={"text": [...]}.
 import { app } from "../../../scripts/app.js";
 
-const NODES = new Set(["BuildNoiseLibrary", "NoiseQueryText", "NoiseQueryColor", "NoiseQueryLibraryInfo"]);
+const NODES = new Set(["BuildNoiseLibrary", "NoiseQueryText", "NoiseQueryColor", "NoiseQueryLibraryInfo",
+  "NoiseQuerySeedSlerp", "NoiseQuerySeedGrid", "NoiseQueryConditioningInterpolate", "NoiseQueryVariations",
+  "NoiseQueryRank"]);
 const WIDGET = "noisequery_report";
 
 function showReport(node, text) {

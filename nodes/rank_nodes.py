@@ -1,0 +1,165 @@
+"""NoiseQueryRank: order a batch of images by CLIP score against a prompt and/or an aesthetic predictor.
+
+Thin glue over noisequery_core.rank; CLIP models come from the pack's cache (nodes/_host.embedder_for, the same
+models the noise libraries are built with), aesthetic heads from models/noisequery_aesthetic.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import folder_paths
+import torch
+from comfy_api.latest import io
+
+from ..noisequery_core import ClipSpec, QueryError
+from ..noisequery_core.clip import spec_for_identity
+from ..noisequery_core.rank import AestheticHead, clip_scores, embed_images, rank
+from . import _host
+from .sampling import to_pil
+
+log = logging.getLogger("noisequery")
+
+AESTHETIC_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+_heads: dict[str, tuple[float, AestheticHead]] = {}
+_lock = threading.Lock()
+
+
+def aesthetic_choices() -> list[str]:
+    try:
+        names = folder_paths.get_filename_list(_host.AESTHETIC_FOLDER)
+    except Exception as exc:  # folder not registered (should not happen): offer none, say why in the log
+        log.warning("cannot list %s: %s", _host.AESTHETIC_FOLDER, exc)
+        names = []
+    return ["none", *[n for n in names if n.lower().endswith(AESTHETIC_SUFFIXES)]]
+
+
+def aesthetic_head(name: str) -> AestheticHead:
+    path = folder_paths.get_full_path(_host.AESTHETIC_FOLDER, name)
+    if path is None:
+        raise QueryError(f"aesthetic model {name!r} is not in models/{_host.AESTHETIC_FOLDER} "
+                         f"({', '.join(folder_paths.get_folder_paths(_host.AESTHETIC_FOLDER))}); put the file there "
+                         "and refresh, or choose 'none'.")
+    import os
+
+    mtime = os.path.getmtime(path)
+    with _lock:
+        got = _heads.get(path)
+        if got is None or got[0] != mtime:
+            got = (mtime, AestheticHead.load(path))
+            _heads[path] = got
+    return got[1]
+
+
+class PickedNoise:
+    """Item ``index`` of another NOISE's ``count``-item batch, for every item of the latent it is asked for."""
+
+    def __init__(self, inner: Any, index: int, count: int):
+        self.inner, self.index, self.count = inner, index, count
+        self.seed = getattr(inner, "seed", 0)
+
+    def generate_noise(self, input_latent: dict[str, Any]) -> torch.Tensor:
+        samples = input_latent["samples"]
+        full = torch.zeros((self.count, *samples.shape[1:]), dtype=samples.dtype)
+        item = self.inner.generate_noise({"samples": full})[self.index : self.index + 1]
+        return item.repeat(samples.shape[0], *([1] * (samples.ndim - 1)))
+
+
+class MissingNoise:
+    """best_noise when no `noise` was connected: fails with a message saying what to connect."""
+
+    seed = 0
+
+    def generate_noise(self, input_latent: dict[str, Any]) -> torch.Tensor:
+        raise QueryError("NoiseQueryRank's best_noise is used but its `noise` input is not connected: connect the "
+                         "NOISE that produced the ranked images.")
+
+
+class NoiseQueryRank(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="NoiseQueryRank",
+            display_name="Rank Images (CLIP / aesthetic)",
+            category="NoiseQuery/explore",
+            description=(
+                "Orders a batch of images by how well they match a prompt (CLIP cosine score, with the CLIP models "
+                "the noise libraries use) and, optionally, by an aesthetic predictor from models/noisequery_aesthetic "
+                "(a LAION improved-aesthetic-predictor MLP or linear head on CLIP embeddings, as .safetensors/.pth). "
+                "Metrics are combined as weighted z-scores over the batch. Connect the NOISE that made the batch "
+                "(a seed walk, the explorer's variants, a Noise Query) to get the winner back as best_noise, and as "
+                "best_seed when the items are seeds (Noise Query hits). Works on a query's thumbnails too."
+            ),
+            inputs=[
+                io.Image.Input("images", tooltip="The batch to rank (decoded images, or a Noise Query's thumbnails)."),
+                io.String.Input("text", multiline=True, default="", tooltip="The prompt to score against; empty = aesthetic only."),
+                io.Combo.Input("clip_model", options=[c for c in _host.CLIP_CHOICES if c != "none"], default="ViT-B-32:openai", tooltip="CLIP model for the score (weights in models/noisequery_clip/<model>/<tag>.safetensors). The LAION aesthetic heads need ViT-L-14."),
+                io.Float.Input("clip_weight", default=1.0, min=0.0, max=10.0, step=0.1, tooltip="Weight of the CLIP score (in standard deviations over the batch)."),
+                io.Combo.Input("aesthetic_model", options=aesthetic_choices(), default="none", tooltip="Optional score head in models/noisequery_aesthetic; 'none' to rank by CLIP score only."),
+                io.Float.Input("aesthetic_weight", default=1.0, min=0.0, max=10.0, step=0.1, tooltip="Weight of the aesthetic score (in standard deviations over the batch)."),
+                io.Noise.Input("noise", optional=True, tooltip="Optional: the NOISE that produced the batch (item i made image i), to return the winner's noise and seed."),
+                io.Combo.Input("library", options=["none", *_host.library_names()], default="none", optional=True, tooltip="Optional: a noise library with CLIP features. Its CLIP model replaces clip_model, and when `noise` comes from a Noise Query on it, the hits' stored full-size image embeddings are used instead of embedding `images`."),
+            ],
+            outputs=[
+                io.Image.Output(display_name="best_image", tooltip="The best-ranked image."),
+                io.Int.Output(display_name="best_index", tooltip="Its index in the input batch (e.g. the explorer's `pick`)."),
+                io.Int.Output(display_name="best_seed", tooltip="Its seed when the NOISE carries one per item (Noise Query hits); otherwise the NOISE's seed, or 0."),
+                io.Noise.Output(display_name="best_noise", tooltip="The NOISE item that made the best image, for every latent item (needs `noise`)."),
+                io.Image.Output(display_name="ranked", tooltip="The whole batch, best first."),
+                io.String.Output(display_name="report", tooltip="Every image's rank, combined score and raw metrics."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, images: torch.Tensor, text: str, clip_model: str, clip_weight: float, aesthetic_model: str,
+                aesthetic_weight: float, noise: Any = None, library: str = "none") -> io.NodeOutput:
+        use_clip = bool(text.strip()) and clip_weight > 0
+        use_aesthetic = aesthetic_model != "none" and aesthetic_weight > 0
+        if not (use_clip or use_aesthetic):
+            raise QueryError("NoiseQueryRank has nothing to rank by: type a prompt in `text` (CLIP score) and/or "
+                             "choose an aesthetic_model, with a weight above 0.")
+        n = images.shape[0]
+        seeds = list(getattr(noise, "seeds", []) or [])
+        embs, source = None, f"clip {clip_model}"
+        if library and library != "none":
+            lib = _host.open_library(library)
+            if lib.features.clip is None:
+                raise QueryError(f"library {library!r} has no CLIP features (built with clip_model 'none'); choose "
+                                 "library 'none' to rank with clip_model, or rebuild the library with a CLIP model.")
+            embedder = _host.embedder_for(spec_for_identity(lib.features.clip))
+            source = f"clip of library {library} ({lib.features.clip.model}/{lib.features.clip.pretrained})"
+            item_seeds = [seeds[i % len(seeds)] for i in range(n)] if seeds else []
+            if item_seeds and bool(lib.contains(item_seeds).all()):
+                embs = lib.column("clip")[lib.rows_of(item_seeds)].astype("float32")
+                source += ", stored embeddings of the hits"
+        else:
+            embedder = _host.embedder_for(ClipSpec.parse(clip_model))
+        if embs is None:
+            embs = embed_images(embedder, to_pil(images), check_cancel=_host.raise_if_interrupted)
+        metrics, weights = {}, {}
+        if use_clip:
+            metrics["clip"] = clip_scores(embs, embedder.encode_text([text])[0])
+            weights["clip"] = clip_weight
+        if use_aesthetic:
+            metrics["aesthetic"] = aesthetic_head(aesthetic_model)(embs)
+            weights["aesthetic"] = aesthetic_weight
+        ranking = rank(metrics, weights)
+        best = ranking.best
+        labels = [f"image {i}" + (f" (seed {seeds[i % len(seeds)]})" if seeds else "") for i in range(n)]
+        if seeds:
+            best_seed = int(seeds[best % len(seeds)])
+        else:
+            best_seed = int(getattr(noise, "seed", 0)) if noise is not None else 0
+        best_noise = PickedNoise(noise, best, n) if noise is not None else MissingNoise()
+        notes = []
+        if noise is None:
+            notes.append("note: no `noise` connected: best_noise is empty and best_seed is 0.")
+        elif not seeds:
+            notes.append("note: the connected NOISE has no per-item seeds (interpolated or explored noise): use "
+                         "best_noise; best_seed is the NOISE's own seed.")
+        report = "\n".join([source + (f", aesthetic {aesthetic_model}" if use_aesthetic else ""),
+                            ranking.report(labels), *notes])
+        ranked = images[ranking.order]
+        return io.NodeOutput(images[best:best + 1], best, best_seed, best_noise, ranked, report, ui={"text": [report]})
