@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from . import _host
 from .library_nodes import BuildNoiseLibrary, NoiseQueryLibraryInfo
+from .noiseclr_nodes import NOISECLR_NODES
 from .query_nodes import NoiseQueryColor, NoiseQueryText
 
 _host.register_folders()
 
 NODE_CLASSES: list[type] = [BuildNoiseLibrary, NoiseQueryText, NoiseQueryColor, NoiseQueryLibraryInfo]
+NODE_CLASSES += NOISECLR_NODES

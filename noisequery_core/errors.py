@@ -40,3 +40,7 @@ class Cancelled(NoiseQueryError):
 
     Work committed before the cancel point is kept; the operation can be resumed.
     """
+
+
+class NoiseCLRError(NoiseQueryError):
+    """NoiseCLR directions: bad training settings, or a directions file that is missing, damaged or unfit."""

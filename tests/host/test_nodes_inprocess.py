@@ -24,7 +24,8 @@ from comfy_harness import InProcessRunner
 pytestmark = pytest.mark.skipif(comfy_harness.find_comfyui() is None, reason=comfy_harness.SKIP_REASON)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-PACK_NODE_IDS = {"BuildNoiseLibrary", "NoiseQueryText", "NoiseQueryColor", "NoiseQueryLibraryInfo"}
+PACK_NODE_IDS = {"BuildNoiseLibrary", "NoiseQueryText", "NoiseQueryColor", "NoiseQueryLibraryInfo",
+                 "NoiseCLRTrainDirections", "NoiseCLRApplyDirections", "NoiseCLRNameDirections"}
 PERMANENT_IDS = ("BuildNoiseLibrary", "NoiseQueryText", "NoiseQueryColor")  # stored in users' saved workflows
 
 COLOR_LIB = "inproc/color_96x64"  # colour-only, 96 wide x 64 high (latent 4 x 8 x 12), seeds 0..7
