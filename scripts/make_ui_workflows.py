@@ -57,6 +57,8 @@ SCREENSHOTS = {
     "build_noise_library": "workflow_build.png",
     "text_query_ksampler": "workflow_text_query.png",
     "colour_query_sampler_custom_advanced": "workflow_colour_query.png",
+    "noiseclr_train": "workflow_noiseclr_train.png",
+    "noiseclr_apply": "workflow_noiseclr_apply.png",
 }
 RUN_WORKFLOW = "colour_query_sampler_custom_advanced"
 RUN_SCREENSHOT = "nodes_after_run.png"
@@ -67,6 +69,8 @@ LAYOUTS: dict[str, list[list[str]]] = {
     "text_query_ksampler": [["1", "4", "5", "2"], ["6", "8"], ["7", "9"], ["10", "11"]],
     "colour_query_sampler_custom_advanced": [["1", "4", "5", "2"], ["6"], ["8", "9", "7"], ["10", "11"],
                                              ["12", "13"]],
+    "noiseclr_train": [["1"], ["2"], ["3"]],
+    "noiseclr_apply": [["1", "5"], ["2", "3"], ["4", "12"], ["6", "9"], ["7", "10"], ["8", "11"]],
 }
 # Node sizes [width, height] by class (height None = what the node needs); NoiseQuery nodes are widened.
 SIZES: dict[str, list[float | None]] = {
@@ -329,13 +333,15 @@ def main() -> int:
     shutil.rmtree(libs / LIBRARY_NAME, ignore_errors=True)
     libs.mkdir(parents=True, exist_ok=True)
     (models / "noisequery_clip").mkdir(parents=True, exist_ok=True)
+    (models / "noiseclr_directions").mkdir(parents=True, exist_ok=True)
 
     problems: list[dict[str, str]] = []
     failures: list[str] = []
     notes: list[str] = []
     server = comfy_harness.ComfyServer(
         comfy, packs={"NoiseQuery": ROOT}, workdir=work / "server",
-        model_dirs={"checkpoints": ckpt.parent, "noise_libraries": libs, "noisequery_clip": models / "noisequery_clip"})
+        model_dirs={"checkpoints": ckpt.parent, "noise_libraries": libs, "noisequery_clip": models / "noisequery_clip",
+                    "noiseclr_directions": models / "noiseclr_directions"})
     try:
         with server:
             log(f"ComfyUI up at {server.url} after {server.startup_seconds:.1f}s")
