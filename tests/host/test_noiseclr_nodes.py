@@ -320,7 +320,7 @@ def test_post_prompt_trains_and_applies(comfy_server: ComfyServer, tiny_ckpt_nam
                 inputs["ckpt_name"] = tiny_ckpt_name
             if node["class_type"] == "NoiseCLRTrainDirections":
                 inputs.update(image_folder="faces", resolution=64, iterations=3, batch_size=2,
-                              directions_per_iteration=2, num_directions=3, checkpoint_every=2, name="server/faces")
+                              directions_per_iteration=2, num_directions=4, checkpoint_every=2, name="server/faces")
             if node["class_type"] == "NoiseCLRApplyDirections":
                 inputs["directions"] = "server/faces.safetensors"
             for key in ("width", "height"):
