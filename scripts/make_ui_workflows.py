@@ -70,7 +70,7 @@ LAYOUTS: dict[str, list[list[str]]] = {
     "colour_query_sampler_custom_advanced": [["1", "4", "5", "2"], ["6"], ["8", "9", "7"], ["10", "11"],
                                              ["12", "13"]],
     "noiseclr_train": [["1"], ["2"], ["3"]],
-    "noiseclr_apply": [["1", "5"], ["2", "3"], ["4", "12"], ["6", "9"], ["7", "10"], ["8", "11"]],
+    "noiseclr_apply": [["1", "5"], ["2", "3"], ["4"], ["6", "9"], ["7", "10"], ["8", "11"]],
 }
 # Node sizes [width, height] by class (height None = what the node needs); NoiseQuery nodes are widened.
 SIZES: dict[str, list[float | None]] = {
