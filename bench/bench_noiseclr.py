@@ -108,6 +108,7 @@ def main() -> int:
             for (m, label), ts in times.items():
                 if m == n:
                     line[label] = statistics.median(ts)
+                    line[label + " (min)"] = min(ts)
             rows.append(line)
         results["sampling"] = rows
 
@@ -132,19 +133,23 @@ def main() -> int:
         mod.run_training(model, clip, vae, arrays, "bench", settings, work / "dirs" / "bench.safetensors",
                          resume=False, progress=progress)
         its = [b - a_ for a_, b in zip(stamps[:-1], stamps[1:], strict=True)][1:]
-        results["training"] = {"seconds_per_iteration": statistics.median(its), "iterations_timed": len(its),
+        results["training"] = {"seconds_per_iteration": statistics.median(its), "min": min(its),
+                               "iterations_timed": len(its),
                                "batch_size": a.batch_size, "directions_per_iteration": a.directions_per_iteration,
                                "unet_rows_per_iteration": a.batch_size * (a.directions_per_iteration + 1)}
 
     base = rows[0]["batched"]
     print(f"device {results['device']}, {results['checkpoint']}, {a.size}x{a.size}, euler cfg 1, {a.steps} steps, "
           f"median of {a.repeats} runs")
-    print(f"{'directions':>10} | {'batched s/step':>14} | {'one call each':>13} | {'x of 0 dirs (batched)':>21}")
+    base_min = rows[0]["batched (min)"]
+    print("seconds per sampling step: median (min) over all steps of all runs")
+    print(f"{'directions':>10} | {'batched':>17} | {'one call each':>17} | {'batched / 0 dirs':>16}")
     for r in rows:
-        ref = f"{r['one call each']:.4f}" if "one call each" in r else "-"
-        print(f"{r['directions']:>10} | {r['batched']:>14.4f} | {ref:>13} | {r['batched'] / base:>21.2f}")
+        ref = f"{r['one call each']:.4f} ({r['one call each (min)']:.4f})" if "one call each" in r else "-"
+        ratio = f"{r['batched'] / base:.2f} ({r['batched (min)'] / base_min:.2f})"
+        print(f"{r['directions']:>10} | {r['batched']:.4f} ({r['batched (min)']:.4f}) | {ref:>17} | {ratio:>16}")
     t = results["training"]
-    print(f"training: {t['seconds_per_iteration']:.3f} s/iteration (batch {t['batch_size']}, "
+    print(f"training: {t['seconds_per_iteration']:.3f} s/iteration, min {t['min']:.3f} (batch {t['batch_size']}, "
           f"{t['directions_per_iteration']} directions/iteration = {t['unet_rows_per_iteration']} UNet rows, "
           f"median of {t['iterations_timed']})")
     if a.json:
