@@ -336,3 +336,18 @@ def test_post_prompt_trains_and_applies(comfy_server: ComfyServer, tiny_ckpt_nam
     entry = _ok(comfy_server.run(apply, timeout=300))
     images = comfy_harness.output_images(entry)
     assert images, entry["outputs"]
+
+
+def test_name_directions_node(comfy_runner: InProcessRunner, comfy_nodes: ModuleType, trained: dict[str, Any],
+                              nq_noiseclr_dir: Path) -> None:
+    import shutil
+
+    shutil.copy(trained["path"], nq_noiseclr_dir / "inproc/named.safetensors")
+    graph = {"50": {"class_type": "NoiseCLRNameDirections",
+                    "inputs": {"directions": "inproc/named.safetensors", "names": "2=brighter, 3=bigger"}}}
+    _ok(comfy_runner.run(graph))
+    assert comfy_runner.node_outputs("50")[0].splitlines() == ["#0 first", "#1 second", "#2 brighter", "#3 bigger"]
+    assert _core(comfy_nodes).load_directions(nq_noiseclr_dir / "inproc/named.safetensors").names[2] == "brighter"
+    graph["50"]["inputs"]["names"] = "2=brighter, bigger"
+    refused = comfy_runner.run(graph)
+    assert "error" in refused and "index=name" in json.dumps(refused["node_errors"])
