@@ -11,6 +11,7 @@ from .explore_nodes import NoiseQueryVariantPicker, NoiseQueryVariations
 from .guide_nodes import HighlightScribbleGuide, NoiseQueryHighlightMask
 from .interp_nodes import NoiseQueryConditioningInterpolate, NoiseQuerySeedGrid, NoiseQuerySeedSlerp
 from .library_nodes import BuildNoiseLibrary, NoiseQueryLibraryInfo
+from .noiseclr_nodes import NOISECLR_NODES
 from .query_nodes import NoiseQueryColor, NoiseQueryText
 from .rank_nodes import NoiseQueryRank
 
@@ -21,4 +22,5 @@ NODE_CLASSES: list[type] = [
     HighlightScribbleGuide, NoiseQueryHighlightMask,  # guide
     NoiseQuerySeedSlerp, NoiseQuerySeedGrid, NoiseQueryConditioningInterpolate,  # infinite index
     NoiseQueryVariations, NoiseQueryVariantPicker, NoiseQueryRank,
+    *NOISECLR_NODES,  # NoiseCLR
 ]

@@ -44,3 +44,7 @@ class Cancelled(NoiseQueryError):
 
 class HighlightError(NoiseQueryError):
     """Highlight (scribble) guidance input is malformed: strokes JSON, masks, phrases or the model."""
+
+
+class NoiseCLRError(NoiseQueryError):
+    """NoiseCLR directions: bad training settings, or a directions file that is missing, damaged or unfit."""

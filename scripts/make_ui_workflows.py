@@ -60,6 +60,8 @@ SCREENSHOTS = {
     "highlight_scribble_guide": "workflow_highlight_scribble.png",
     "seed_interpolation_strip": "workflow_seed_interpolation.png",
     "variation_explorer": "workflow_variation_explorer.png",
+    "noiseclr_train": "workflow_noiseclr_train.png",
+    "noiseclr_apply": "workflow_noiseclr_apply.png",
 }
 # Close-ups of a node's drawing widget (web/js/highlight_scribble.js): workflow -> (node class, docs file). When the
 # workflow's node holds no stroke, one is drawn with the mouse for the prompt's first phrase (the picture only;
@@ -81,6 +83,8 @@ LAYOUTS: dict[str, list[list[str]]] = {
     "seed_interpolation_strip": [["1", "4", "5"], ["6"], ["7", "8", "9"], ["10", "11"], ["12"]],
     "prompt_interpolation_strip": [["1", "4", "13", "5"], ["14", "6"], ["7", "8", "9"], ["10", "11"], ["12"]],
     "variation_explorer": [["1", "4", "5"], ["6"], ["7", "8", "9"], ["10", "11"], ["12"]],
+    "noiseclr_train": [["1"], ["2"], ["3"]],
+    "noiseclr_apply": [["1", "5"], ["2", "3"], ["4"], ["6", "9"], ["7", "10"], ["8", "11"]],
 }
 # Node sizes [width, height] by class (height None = what the node needs); NoiseQuery nodes are widened.
 SIZES: dict[str, list[float | None]] = {
@@ -362,13 +366,15 @@ def main() -> int:
     shutil.rmtree(libs / LIBRARY_NAME, ignore_errors=True)
     libs.mkdir(parents=True, exist_ok=True)
     (models / "noisequery_clip").mkdir(parents=True, exist_ok=True)
+    (models / "noiseclr_directions").mkdir(parents=True, exist_ok=True)
 
     problems: list[dict[str, str]] = []
     failures: list[str] = []
     notes: list[str] = []
     server = comfy_harness.ComfyServer(
         comfy, packs={"NoiseQuery": ROOT}, workdir=work / "server",
-        model_dirs={"checkpoints": ckpt.parent, "noise_libraries": libs, "noisequery_clip": models / "noisequery_clip"})
+        model_dirs={"checkpoints": ckpt.parent, "noise_libraries": libs, "noisequery_clip": models / "noisequery_clip",
+                    "noiseclr_directions": models / "noiseclr_directions"})
     try:
         with server:
             log(f"ComfyUI up at {server.url} after {server.startup_seconds:.1f}s")

@@ -71,6 +71,18 @@ def server_libraries_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def nq_noiseclr_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The in-process ComfyUI's "noiseclr_directions" model folder (NoiseCLR directions files)."""
+    return tmp_path_factory.mktemp("noiseclr_inproc")
+
+
+@pytest.fixture(scope="session")
+def server_noiseclr_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The headless server's "noiseclr_directions" model folder."""
+    return tmp_path_factory.mktemp("noiseclr_server")
+
+
+@pytest.fixture(scope="session")
 def clip_weights(nq_clip_dir: Path) -> Path:
     """RANDOM ViT-B-32 weights at <noisequery_clip>/ViT-B-32/openai.safetensors: the pack loads them offline for
     clip_model "ViT-B-32:openai". Text-query results are meaningless; only the plumbing is tested."""
@@ -80,13 +92,13 @@ def clip_weights(nq_clip_dir: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def comfy_nodes(comfy_path: Path, tiny_checkpoint: Path, comfy_packs: dict[str, Path], nq_clip_dir: Path,
-                nq_libraries_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> ModuleType:
+                nq_libraries_dir: Path, nq_noiseclr_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> ModuleType:
     """ComfyUI's `nodes` module, booted in this process (builtin nodes + comfy_packs, tiny checkpoint listed,
     noise_libraries -> nq_libraries_dir, noisequery_clip -> nq_clip_dir)."""
     return comfy_harness.boot_inprocess(
         comfy_path,
         extra_model_dirs={"checkpoints": tiny_checkpoint.parent, "noise_libraries": nq_libraries_dir,
-                          "noisequery_clip": nq_clip_dir},
+                          "noisequery_clip": nq_clip_dir, "noiseclr_directions": nq_noiseclr_dir},
         custom_node_paths=comfy_packs,
         io_dir=tmp_path_factory.mktemp("comfy_io"),
     )
@@ -100,7 +112,7 @@ def comfy_runner(comfy_nodes: ModuleType) -> comfy_harness.InProcessRunner:
 
 @pytest.fixture(scope="session")
 def comfy_server(comfy_path: Path, tiny_checkpoint: Path, comfy_packs: dict[str, Path], nq_clip_dir: Path,
-                 server_libraries_dir: Path, tmp_path_factory: pytest.TempPathFactory
+                 server_libraries_dir: Path, server_noiseclr_dir: Path, tmp_path_factory: pytest.TempPathFactory
                  ) -> Iterator[comfy_harness.ComfyServer]:
     """A running headless ComfyUI (--cpu) with comfy_packs and the tiny checkpoint (noise_libraries ->
     server_libraries_dir, noisequery_clip -> nq_clip_dir); stopped at session end."""
@@ -108,7 +120,7 @@ def comfy_server(comfy_path: Path, tiny_checkpoint: Path, comfy_packs: dict[str,
         comfy_path,
         packs=comfy_packs,
         model_dirs={"checkpoints": tiny_checkpoint.parent, "noise_libraries": server_libraries_dir,
-                    "noisequery_clip": nq_clip_dir},
+                    "noisequery_clip": nq_clip_dir, "noiseclr_directions": server_noiseclr_dir},
         workdir=tmp_path_factory.mktemp("comfy_server"),
     )
     with server:

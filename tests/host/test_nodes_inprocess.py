@@ -27,7 +27,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 PACK_NODE_IDS = {"BuildNoiseLibrary", "NoiseQueryText", "NoiseQueryColor", "NoiseQueryLibraryInfo",
                  "HighlightScribbleGuide", "NoiseQueryHighlightMask",
                  "NoiseQuerySeedSlerp", "NoiseQuerySeedGrid", "NoiseQueryConditioningInterpolate", "NoiseQueryVariations",
-                 "NoiseQueryVariantPicker", "NoiseQueryRank"}
+                 "NoiseQueryVariantPicker", "NoiseQueryRank",
+                 "NoiseCLRTrainDirections", "NoiseCLRApplyDirections", "NoiseCLRNameDirections"}
 PERMANENT_IDS = ("BuildNoiseLibrary", "NoiseQueryText", "NoiseQueryColor", "HighlightScribbleGuide")  # stored in users' saved workflows
 
 COLOR_LIB = "inproc/color_96x64"  # colour-only, 96 wide x 64 high (latent 4 x 8 x 12), seeds 0..7

@@ -1,0 +1,570 @@
+"""NoiseCLR (arXiv 2312.05390): learn K editing directions from unlabeled images, contrastively.
+
+A direction is a short sequence of conditioning tokens in the denoiser's cross-attention
+context space ([T, D]: T tokens of the text encoder's output width D, 768 for SD1.x). It is
+initialised from the empty prompt's encoding plus a little noise, so at the start
+ε(x, d_k) ≈ ε(x, ∅). Training, per iteration:
+
+    pick N images, K' of the K directions, one timestep and one noise per image;
+    x_t = x_0 + σ_t·noise                        (the variance-exploding form ComfyUI samples in)
+    Δ_{n,k} = ε(x_t^n, d_k) − ε(x_t^n, ∅)        (the edit direction k makes to image n)
+    loss = InfoNCE over the Δs: positives are the same direction on other images, negatives
+           the other directions on the same image (cosine similarity of flattened Δ / τ).
+
+Gradients reach the direction tokens only; the denoiser is an injected callable
+``predict_noise(x_t, sigma, context) -> eps`` and is never modified here. Each iteration draws
+its randomness from its own generator seeded by (seed, iteration), and the optimiser is a
+plain Adam whose state is saved with the directions, so a run resumed from a checkpoint is
+bit-for-bit the run that was never interrupted (on the same device).
+
+Files: a directions file is safetensors with tensors ``directions`` [K, T, D] (float32) and
+``empty`` [T0, D] (the empty prompt's encoding, the ∅ of the formula, needed to apply them),
+and one metadata entry ``noiseclr`` holding JSON (format version, names, base model
+identity, training settings, loss history). A checkpoint is the same file plus the Adam
+tensors, written atomically every ``checkpoint_every`` iterations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import NoiseCLRError
+from .manifest import atomic_write_bytes
+
+log = logging.getLogger("noisequery")
+
+FORMAT = "noisequery.noiseclr"
+FORMAT_VERSION = 1
+META_KEY = "noiseclr"
+CHECKPOINT_SUFFIX = ".checkpoint.safetensors"
+MAX_DIRECTIONS = 256
+
+PredictNoise = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+ProgressFn = Callable[[int, int, float], None]
+
+# Adam constants (fixed: part of what makes a resumed run equal an uninterrupted one).
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
+
+
+# ------------------------------------------------------------------ settings
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Everything that decides a training run's result (saved in the file, compared on resume)."""
+
+    num_directions: int = 8
+    directions_per_iteration: int = 4
+    iterations: int = 500
+    batch_size: int = 4
+    learning_rate: float = 1e-3
+    temperature: float = 0.5
+    t_min: int = 100
+    t_max: int = 900
+    seed: int = 0
+    token_count: int = 77
+    init_noise: float = 0.05
+    checkpoint_every: int = 50
+
+    def validate(self, schedule_length: int | None = None, image_count: int | None = None) -> None:
+        """Raise NoiseCLRError naming the first setting out of range."""
+        def bad(msg: str) -> None:
+            raise NoiseCLRError(f"NoiseCLR settings: {msg}")
+
+        if not 2 <= self.num_directions <= MAX_DIRECTIONS:
+            bad(f"num_directions {self.num_directions} must be 2..{MAX_DIRECTIONS} (a contrast needs two directions).")
+        if not 2 <= self.directions_per_iteration <= self.num_directions:
+            bad(f"directions_per_iteration {self.directions_per_iteration} must be 2..num_directions ({self.num_directions}).")
+        if self.batch_size < 2:
+            bad(f"batch_size {self.batch_size} must be at least 2 (positives are the same direction on two images).")
+        if self.iterations < 0:
+            bad(f"iterations {self.iterations} must be >= 0.")
+        if not self.learning_rate > 0 or not self.temperature > 0:
+            bad("learning_rate and temperature must be > 0.")
+        if not 0 <= self.t_min <= self.t_max:
+            bad(f"timestep range {self.t_min}..{self.t_max} is empty or negative; use 0 <= t_min <= t_max.")
+        if schedule_length is not None and self.t_max >= schedule_length:
+            bad(f"t_max {self.t_max} is past the model's last timestep {schedule_length - 1}.")
+        if self.token_count < 1:
+            bad(f"token_count {self.token_count} must be >= 1.")
+        if self.checkpoint_every < 1:
+            bad(f"checkpoint_every {self.checkpoint_every} must be >= 1.")
+        if image_count is not None and image_count < 2:
+            bad(f"{image_count} training image(s): NoiseCLR needs at least 2 (ideally 20-100 of one domain).")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainSettings:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def same_run(self, other: TrainSettings) -> list[str]:
+        """Settings that differ between two runs, except those a resumed run may change
+        (iterations: it can be extended; checkpoint_every: it does not change the result)."""
+        free = {"iterations", "checkpoint_every"}
+        a, b = self.to_dict(), other.to_dict()
+        return [f"{k} {b[k]!r} -> {a[k]!r}" for k in a if k not in free and a[k] != b[k]]
+
+
+# ------------------------------------------------------------------ the loss
+
+
+def contrastive_loss(deltas: torch.Tensor, temperature: float) -> torch.Tensor:
+    """NoiseCLR's contrastive loss on edits ``deltas`` [N images, K directions, ...].
+
+    For anchor (n, k): positives are Δ_{m,k} for the other images m ≠ n, negatives are Δ_{n,l}
+    for the other directions l ≠ k on the same image. With s = cos(·,·)/τ, the loss is the
+    multi-positive InfoNCE  −log( Σ_pos e^s / (Σ_pos e^s + Σ_neg e^s) ), averaged over anchors
+    (the paper's ratio of positive to negative terms, normalised so that it is ≥ 0).
+
+    Raises NoiseCLRError when N < 2 or K < 2 (no positive or no negative pair exists).
+    """
+    if deltas.dim() < 3:
+        raise NoiseCLRError(f"contrastive_loss: deltas must be [N, K, ...], got shape {tuple(deltas.shape)}.")
+    n, k = deltas.shape[0], deltas.shape[1]
+    if n < 2 or k < 2:
+        raise NoiseCLRError(f"contrastive_loss: needs at least 2 images and 2 directions, got {n} and {k}.")
+    z = torch.nn.functional.normalize(deltas.reshape(n, k, -1).float(), dim=-1)
+    # pos[k, n, m] = cos(Δ_{n,k}, Δ_{m,k});  neg[n, k, l] = cos(Δ_{n,k}, Δ_{n,l})
+    pos = torch.einsum("nkf,mkf->knm", z, z) / temperature
+    neg = torch.einsum("nkf,nlf->nkl", z, z) / temperature
+    eye_n = torch.eye(n, dtype=torch.bool, device=z.device)
+    eye_k = torch.eye(k, dtype=torch.bool, device=z.device)
+    pos = pos.masked_fill(eye_n, float("-inf")).permute(1, 0, 2)  # [n, k, m]
+    neg = neg.masked_fill(eye_k, float("-inf"))  # [n, k, l]
+    lse_pos = torch.logsumexp(pos, dim=-1)
+    lse_all = torch.logsumexp(torch.cat([pos, neg], dim=-1), dim=-1)
+    return (lse_all - lse_pos).mean()
+
+
+# ------------------------------------------------------------------ the directions file
+
+
+@dataclass
+class Directions:
+    """K learned directions plus what is needed to apply them and to know where they came from."""
+
+    directions: torch.Tensor  # [K, T, D] float32
+    empty: torch.Tensor  # [T0, D] float32: the empty prompt's encoding (ε(x, ∅))
+    names: list[str] = field(default_factory=list)
+    base_model: dict[str, Any] = field(default_factory=dict)  # {"name", "fingerprint", "model_class", "context_dim"}
+    settings: TrainSettings = field(default_factory=TrainSettings)
+    iterations_done: int = 0
+    loss_history: list[float] = field(default_factory=list)
+    data: dict[str, Any] = field(default_factory=dict)  # {"images": n, "fingerprint": ...}
+    created: str = ""
+
+    def __post_init__(self) -> None:
+        if self.directions.dim() != 3:
+            raise NoiseCLRError(f"directions must be [K, T, D], got shape {tuple(self.directions.shape)}.")
+        if self.empty.dim() != 2 or self.empty.shape[1] != self.directions.shape[2]:
+            raise NoiseCLRError(
+                f"empty-prompt encoding {tuple(self.empty.shape)} does not match the directions' width "
+                f"{self.directions.shape[2]}.")
+        k = self.directions.shape[0]
+        if not self.names:
+            self.names = [f"direction {i}" for i in range(k)]
+        if len(self.names) != k:
+            raise NoiseCLRError(f"{len(self.names)} names for {k} directions.")
+
+    @property
+    def count(self) -> int:
+        return int(self.directions.shape[0])
+
+    @property
+    def token_count(self) -> int:
+        return int(self.directions.shape[1])
+
+    @property
+    def context_dim(self) -> int:
+        return int(self.directions.shape[2])
+
+    def meta(self, kind: str = "directions", extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        m = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "kind": kind,
+            "names": list(self.names),
+            "token_count": self.token_count,
+            "context_dim": self.context_dim,
+            "base_model": dict(self.base_model),
+            "settings": self.settings.to_dict(),
+            "iterations_done": int(self.iterations_done),
+            "loss_history": [float(x) for x in self.loss_history],
+            "data": dict(self.data),
+            "created": self.created,
+        }
+        m.update(extra or {})
+        return m
+
+
+def save_directions(path: str | Path, d: Directions, *, kind: str = "directions",
+                    extra_tensors: dict[str, torch.Tensor] | None = None,
+                    extra_meta: dict[str, Any] | None = None) -> Path:
+    """Write ``d`` as a directions file (atomically: readers see the old file or the new one)."""
+    from safetensors.torch import save
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {"directions": d.directions.detach().to("cpu", torch.float32).contiguous(),
+               "empty": d.empty.detach().to("cpu", torch.float32).contiguous()}
+    for k, v in (extra_tensors or {}).items():
+        tensors[k] = v.detach().to("cpu").contiguous()
+    # One metadata key only: safetensors writes a multi-key map in hash order, which would make
+    # the bytes of identical files differ between processes.
+    blob = save(tensors, metadata={META_KEY: json.dumps(d.meta(kind, extra_meta), sort_keys=True)})
+    atomic_write_bytes(path, blob)
+    return path
+
+
+def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise NoiseCLRError(f"NoiseCLR directions file {path} does not exist. Train directions first, or pick "
+                            f"another file from models/noiseclr_directions.")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            raw = (f.metadata() or {}).get(META_KEY)
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # safetensors raises its own error types for damaged files
+        raise NoiseCLRError(f"{path} is not a readable safetensors file ({exc}); it is damaged or not a "
+                            f"NoiseCLR directions file.") from exc
+    if raw is None:
+        raise NoiseCLRError(f"{path} is a safetensors file without NoiseCLR metadata (no {META_KEY!r} entry): "
+                            f"not a directions file (a LoRA or checkpoint in the wrong folder?).")
+    try:
+        meta = json.loads(raw)
+    except ValueError as exc:
+        raise NoiseCLRError(f"{path}: the NoiseCLR metadata is not valid JSON ({exc}); the file is damaged.") from exc
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise NoiseCLRError(f"{path}: metadata format is {meta.get('format') if isinstance(meta, dict) else meta!r}, "
+                            f"expected {FORMAT!r}.")
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise NoiseCLRError(f"{path} was written by a newer NoiseQuery (directions format {version}, this one reads "
+                            f"<= {FORMAT_VERSION}); update the NoiseQuery pack.")
+    for name in ("directions", "empty"):
+        if name not in tensors:
+            raise NoiseCLRError(f"{path}: tensor {name!r} is missing; the file is damaged.")
+    return tensors, meta
+
+
+def load_directions(path: str | Path) -> Directions:
+    """Read a directions (or checkpoint) file; raises NoiseCLRError saying what is wrong with it."""
+    path = Path(path)
+    tensors, meta = _read(path)
+    try:
+        return Directions(
+            directions=tensors["directions"].float(),
+            empty=tensors["empty"].float(),
+            names=[str(n) for n in meta.get("names") or []],
+            base_model=dict(meta.get("base_model") or {}),
+            settings=TrainSettings.from_dict(dict(meta.get("settings") or {})),
+            iterations_done=int(meta.get("iterations_done", 0)),
+            loss_history=[float(x) for x in meta.get("loss_history") or []],
+            data=dict(meta.get("data") or {}),
+            created=str(meta.get("created", "")),
+        )
+    except NoiseCLRError as exc:
+        raise NoiseCLRError(f"{path}: {exc}") from exc
+    except (TypeError, ValueError) as exc:
+        raise NoiseCLRError(f"{path}: malformed NoiseCLR metadata ({exc}); the file is damaged.") from exc
+
+
+def rename_directions(path: str | Path, names: dict[int, str]) -> Directions:
+    """Give directions of an existing file new names ({index: name}); rewrites it atomically."""
+    d = load_directions(path)
+    for i, name in names.items():
+        if not 0 <= i < d.count:
+            raise NoiseCLRError(f"{path}: no direction {i} (the file has 0..{d.count - 1}).")
+        d.names[i] = name.strip() or d.names[i]
+    save_directions(path, d)
+    return d
+
+
+def parse_names(text: str, count: int | None = None) -> dict[int, str]:
+    """'0=smile, 3=old age' or 'smile, , old age' (by position) -> {index: name}."""
+    out: dict[int, str] = {}
+    parts = [p.strip() for p in text.replace("\n", ",").split(",")]
+    if any("=" in p for p in parts):
+        for p in parts:
+            if not p:
+                continue
+            key, sep, value = p.partition("=")
+            if not sep or not key.strip().isdigit():
+                raise NoiseCLRError(f"names: {p!r} is not 'index=name' (write e.g. '0=smile, 3=old age').")
+            out[int(key)] = value.strip()
+    else:
+        out = {i: p for i, p in enumerate(parts) if p}
+    if count is not None:
+        for i in out:
+            if not 0 <= i < count:
+                raise NoiseCLRError(f"names: index {i} is outside 0..{count - 1}.")
+    return out
+
+
+def checkpoint_path_for(path: str | Path) -> Path:
+    """Where the resumable checkpoint of directions file ``path`` lives (same folder)."""
+    p = Path(path)
+    stem = p.name[: -len(".safetensors")] if p.name.endswith(".safetensors") else p.name
+    return p.with_name(stem + CHECKPOINT_SUFFIX)
+
+
+def data_fingerprint(arrays: Sequence[np.ndarray]) -> str:
+    """A short hash of the training images (uint8 pixels), to refuse resuming on other data."""
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(str(a.shape).encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:16]
+
+
+# ------------------------------------------------------------------ training
+
+
+def _iteration_generator(seed: int, iteration: int) -> torch.Generator:
+    """Independent, reproducible randomness for one iteration (so resuming needs no RNG state)."""
+    mixed = np.random.SeedSequence([int(seed) & (2**64 - 1), int(iteration) + 1]).generate_state(2, np.uint32)
+    return torch.Generator(device="cpu").manual_seed(int(mixed[0]) << 32 | int(mixed[1]))
+
+
+@dataclass
+class _State:
+    params: torch.Tensor  # [K, T, D] float32
+    m: torch.Tensor
+    v: torch.Tensor
+    steps: torch.Tensor  # [K] int64: Adam steps taken per direction
+    iteration: int
+    losses: list[float]
+
+
+def _adam_update(state: _State, rows: torch.Tensor, grad: torch.Tensor, lr: float) -> None:
+    """Adam on the sampled rows only (directions not sampled this iteration keep state and value)."""
+    b1, b2 = ADAM_BETAS
+    state.steps[rows.cpu()] += 1
+    t = state.steps[rows.cpu()].to(torch.float32).to(grad.device).view(-1, 1, 1)
+    rows = rows.to(grad.device)
+    m = state.m[rows] * b1 + grad * (1 - b1)
+    v = state.v[rows] * b2 + grad * grad * (1 - b2)
+    state.m[rows] = m
+    state.v[rows] = v
+    m_hat = m / (1 - b1**t)
+    v_hat = v / (1 - b2**t)
+    state.params[rows] = state.params[rows] - lr * m_hat / (v_hat.sqrt() + ADAM_EPS)
+
+
+def _init_state(empty: torch.Tensor, s: TrainSettings, device: torch.device) -> _State:
+    t0, dim = empty.shape
+    if s.token_count > t0:
+        raise NoiseCLRError(f"token_count {s.token_count} is more than the empty prompt's {t0} tokens; use <= {t0}.")
+    g = torch.Generator(device="cpu").manual_seed(int(s.seed) & (2**63 - 1))
+    base = empty[: s.token_count].to("cpu", torch.float32)
+    scale = float(base.std()) * s.init_noise
+    noise = torch.randn((s.num_directions, s.token_count, dim), generator=g) * scale
+    params = (base.unsqueeze(0) + noise).to(device)
+    zeros = torch.zeros_like(params)
+    return _State(params, zeros.clone(), zeros.clone(), torch.zeros(s.num_directions, dtype=torch.int64), 0, [])
+
+
+def _save_checkpoint(path: Path, st: _State, template: Directions) -> None:
+    d = dataclasses.replace(template, directions=st.params, iterations_done=st.iteration, loss_history=list(st.losses))
+    save_directions(path, d, kind="checkpoint",
+                    extra_tensors={"adam_m": st.m, "adam_v": st.v, "adam_steps": st.steps})
+
+
+def _load_checkpoint(path: Path, template: Directions, device: torch.device) -> _State:
+    tensors, _ = _read(path)
+    got = load_directions(path)
+    diffs = template.settings.same_run(got.settings)
+    if diffs:
+        raise NoiseCLRError(f"checkpoint {path} belongs to a run with other settings ({'; '.join(diffs)}). Put the "
+                            f"settings back, train under another name, or turn resume off to start over.")
+    for key, what in (("fingerprint", "base model"),):
+        a, b = template.base_model.get(key), got.base_model.get(key)
+        if a and a != b:
+            raise NoiseCLRError(f"checkpoint {path} was trained on another {what} ({b}, now {a}). Connect the same "
+                                f"model, train under another name, or turn resume off to start over.")
+    a, b = template.data.get("fingerprint"), got.data.get("fingerprint")
+    if a and a != b:
+        raise NoiseCLRError(f"checkpoint {path} was trained on other images (data {b}, now {a}). Use the same images, "
+                            f"train under another name, or turn resume off to start over.")
+    if got.directions.shape != (template.settings.num_directions, template.settings.token_count,
+                                template.empty.shape[1]):
+        raise NoiseCLRError(f"checkpoint {path} holds directions of shape {tuple(got.directions.shape)}, which does not "
+                            f"fit these settings; turn resume off to start over.")
+    for name in ("adam_m", "adam_v", "adam_steps"):
+        if name not in tensors:
+            raise NoiseCLRError(f"{path} has no optimiser state ({name}); it is a finished directions file, not a "
+                                f"checkpoint. Turn resume off to start over.")
+    return _State(got.directions.to(device), tensors["adam_m"].float().to(device), tensors["adam_v"].float().to(device),
+                  tensors["adam_steps"].to(torch.int64), got.iterations_done, list(got.loss_history))
+
+
+def _batch(s: TrainSettings, it: int, latents: torch.Tensor, sigma_table: torch.Tensor, k_all: int, n: int,
+           k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Iteration ``it``'s sampled direction rows, noised images x_t and their sigmas."""
+    g = _iteration_generator(s.seed, it)
+    img = torch.randperm(latents.shape[0], generator=g)[:n]
+    rows = torch.randperm(k_all, generator=g)[:k].sort().values
+    t = torch.randint(s.t_min, s.t_max + 1, (n,), generator=g)
+    noise = torch.randn((n, *latents.shape[1:]), generator=g).to(latents.device)
+    sigma = sigma_table[t].to(latents.device)
+    x_t = latents[img] + noise * sigma.view(-1, *([1] * (latents.dim() - 1)))
+    return rows, x_t, sigma
+
+
+def _deltas(predict_noise: PredictNoise, x_t: torch.Tensor, sigma: torch.Tensor, ctx: torch.Tensor,
+            eps0: torch.Tensor) -> torch.Tensor:
+    """[N, K', ...] edits of the directions ``ctx`` [K', T, D] on x_t, in one batched call
+    (row j*N + i is image i under direction j)."""
+    k, n = ctx.shape[0], x_t.shape[0]
+    eps = predict_noise(x_t.repeat(k, *([1] * (x_t.dim() - 1))), sigma.repeat(k),
+                        ctx.repeat_interleave(n, dim=0)).float()
+    return (eps.reshape(k, n, -1) - eps0.reshape(1, n, -1)).transpose(0, 1)
+
+
+def evaluate_loss(latents: torch.Tensor, empty: torch.Tensor, predict_noise: PredictNoise, sigmas: torch.Tensor,
+                  settings: TrainSettings, directions: torch.Tensor, iterations: Sequence[int]) -> float:
+    """Mean contrastive loss of ``directions`` [K, T, D] on the batches training draws at ``iterations``.
+
+    The same images, timesteps, noise and direction subsets for any directions, so the loss of the
+    initial and of the trained directions can be compared without sampling noise.
+    """
+    s = settings
+    dev = latents.device
+    sigma_table = sigmas.detach().to("cpu", torch.float32)
+    n = min(s.batch_size, latents.shape[0])
+    total = 0.0
+    with torch.no_grad():
+        for it in iterations:
+            rows, x_t, sigma = _batch(s, it, latents.float(), sigma_table, directions.shape[0], n,
+                                      s.directions_per_iteration)
+            eps0 = predict_noise(x_t, sigma, empty.to(dev).float().unsqueeze(0).expand(n, -1, -1)).float()
+            delta = _deltas(predict_noise, x_t, sigma, directions[rows].to(dev).float(), eps0)
+            total += float(contrastive_loss(delta, s.temperature))
+    return total / max(1, len(iterations))
+
+
+def train_directions(
+    latents: torch.Tensor,
+    empty: torch.Tensor,
+    predict_noise: PredictNoise,
+    sigmas: torch.Tensor,
+    settings: TrainSettings,
+    *,
+    checkpoint_path: str | Path | None = None,
+    resume: bool = True,
+    base_model: dict[str, Any] | None = None,
+    data: dict[str, Any] | None = None,
+    names: Sequence[str] = (),
+    progress: ProgressFn | None = None,
+    check_cancel: Callable[[], None] | None = None,
+    device: torch.device | str | None = None,
+) -> Directions:
+    """Learn ``settings.num_directions`` directions on ``latents`` with the NoiseCLR loss.
+
+    Args:
+        latents: [M, C, H, W] clean latents in the model's space (M >= 2 images of one domain).
+        empty: [T0, D] the empty prompt's encoding (∅; the directions start from its first T tokens).
+        predict_noise: ``(x_t [B,C,H,W], sigma [B], context [B,T,D]) -> eps [B,C,H,W]``, differentiable
+            in ``context``; x_t = x_0 + sigma·noise (the callable scales its input as the model needs).
+        sigmas: [L] the model's training noise levels by timestep (t_min..t_max index into it).
+        settings: the run's TrainSettings.
+        checkpoint_path: where to write a checkpoint every ``checkpoint_every`` iterations (and on cancel);
+            None for no checkpoints.
+        resume: continue from ``checkpoint_path`` when it exists (same settings, model and data), else start over.
+        base_model / data: identity of the model and images, stored in the file and checked on resume.
+        names: optional names of the directions.
+        progress: ``progress(done, total, loss)`` after each iteration.
+        check_cancel: called before each iteration; raising from it stops the run (a checkpoint of the
+            last finished iteration is written first, when checkpoint_path is set).
+        device: where the directions live (default: latents' device).
+
+    Returns: the trained Directions (iterations_done == settings.iterations).
+    Raises: NoiseCLRError for bad settings or a checkpoint that does not fit; whatever check_cancel raises.
+    """
+    s = settings
+    s.validate(schedule_length=int(sigmas.shape[0]), image_count=int(latents.shape[0]))
+    dev = torch.device(device) if device is not None else latents.device
+    empty = empty.detach().to(dev, torch.float32)
+    latents = latents.detach().to(dev, torch.float32)
+    sigma_table = sigmas.detach().to("cpu", torch.float32)
+    k_all = s.num_directions
+    name_list = list(names)[:k_all] + [f"direction {i}" for i in range(len(list(names)[:k_all]), k_all)]
+    template = Directions(directions=torch.zeros(k_all, s.token_count, empty.shape[1]), empty=empty.cpu(),
+                          names=name_list, base_model=dict(base_model or {}), settings=s,
+                          data=dict(data or {}), created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"))
+    ckpt = Path(checkpoint_path) if checkpoint_path is not None else None
+
+    st: _State | None = None
+    if ckpt is not None and resume and ckpt.is_file():
+        st = _load_checkpoint(ckpt, template, dev)
+        log.info("NoiseCLR: resuming %s at iteration %d of %d", ckpt, st.iteration, s.iterations)
+    if st is None:
+        st = _init_state(empty, s, dev)
+
+    m_images = latents.shape[0]
+    n = min(s.batch_size, m_images)
+    k = s.directions_per_iteration
+    total = s.iterations
+    if progress is not None:
+        progress(min(st.iteration, total), total, st.losses[-1] if st.losses else math.nan)
+
+    while st.iteration < total:
+        it = st.iteration
+        if check_cancel is not None:
+            try:
+                check_cancel()
+            except BaseException:
+                if ckpt is not None:
+                    _save_checkpoint(ckpt, st, template)
+                    log.info("NoiseCLR: stopped at iteration %d; checkpoint %s", it, ckpt)
+                raise
+        rows, x_t, sigma = _batch(s, it, latents, sigma_table, k_all, n, k)
+        with torch.no_grad():
+            eps0 = predict_noise(x_t, sigma, empty.unsqueeze(0).expand(n, -1, -1)).float()
+        ctx = st.params[rows].clone().requires_grad_(True)  # [k, T, D]
+        delta = _deltas(predict_noise, x_t, sigma, ctx, eps0)
+        loss = contrastive_loss(delta, s.temperature)
+        (grad,) = torch.autograd.grad(loss, ctx)
+        with torch.no_grad():
+            _adam_update(st, rows, grad.detach(), s.learning_rate)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise NoiseCLRError(f"NoiseCLR: the loss became {value} at iteration {it}; lower the learning rate "
+                                f"(now {s.learning_rate}) or raise the temperature (now {s.temperature}).")
+        st.losses.append(value)
+        st.iteration = it + 1
+        if progress is not None:
+            progress(st.iteration, total, value)
+        if ckpt is not None and (st.iteration % s.checkpoint_every == 0 or st.iteration == total):
+            _save_checkpoint(ckpt, st, template)
+
+    return dataclasses.replace(template, directions=st.params.detach().cpu(), iterations_done=st.iteration,
+                               loss_history=list(st.losses))
+
+
+def loss_summary(losses: Sequence[float], window: int = 10) -> str:
+    """'loss 2.31 -> 1.87 (first/last 10 iterations)' for reports."""
+    if not losses:
+        return "no iterations run"
+    w = max(1, min(window, len(losses) // 2 or 1))
+    first = float(np.mean(losses[:w]))
+    last = float(np.mean(losses[-w:]))
+    return f"loss {first:.4f} -> {last:.4f} (mean of first/last {w} iterations of {len(losses)})"
