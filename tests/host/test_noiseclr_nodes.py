@@ -80,7 +80,7 @@ def _error(entry: dict[str, Any]) -> str:
 
 
 def _mod(comfy_nodes: ModuleType) -> ModuleType:
-    return G.pack_module(comfy_nodes, "nodes.noiseclr_nodes")
+    return G.pack_module(comfy_nodes, "nodes.noiseclr_runtime")
 
 
 def _core(comfy_nodes: ModuleType) -> ModuleType:
