@@ -28,23 +28,28 @@ AESTHETIC_FOLDER = "noisequery_aesthetic"  # score heads on CLIP embeddings (nod
 CLIP_CHOICES = ["ViT-B-32:openai", "ViT-B-16:openai", "ViT-L-14:openai", "ViT-H-14:laion2b_s32b_b79k", "none"]
 
 
-def register_folders() -> None:
-    """Register our model folders once; user paths from extra_model_paths.yaml stay first.
+def register_folder(name: str) -> None:
+    """Register models/<name> once; user paths from extra_model_paths.yaml stay first.
 
     The first registered folder is created when none of them exists yet (so a fresh install
-    has a models/noise_libraries to build into, and a moved one is not shadowed).
+    has e.g. a models/noise_libraries to build into, and a moved one is not shadowed).
     """
+    default = os.path.join(folder_paths.models_dir, name)
+    known = folder_paths.folder_names_and_paths.get(name, ([], set()))[0]
+    if default not in known:
+        folder_paths.add_model_folder_path(name, default, is_default=False)
+    paths = folder_paths.get_folder_paths(name)
+    if not any(os.path.isdir(p) for p in paths):
+        try:
+            os.makedirs(paths[0], exist_ok=True)
+        except OSError as exc:
+            log.warning("cannot create %s (%s); add a writable %s path in extra_model_paths.yaml", paths[0], exc, name)
+
+
+def register_folders() -> None:
+    """The pack's own model folders (NoiseCLR registers its folder in nodes/noiseclr_runtime.py)."""
     for name in (LIBRARY_FOLDER, CLIP_FOLDER, AESTHETIC_FOLDER):
-        default = os.path.join(folder_paths.models_dir, name)
-        known = folder_paths.folder_names_and_paths.get(name, ([], set()))[0]
-        if default not in known:
-            folder_paths.add_model_folder_path(name, default, is_default=False)
-        paths = folder_paths.get_folder_paths(name)
-        if not any(os.path.isdir(p) for p in paths):
-            try:
-                os.makedirs(paths[0], exist_ok=True)
-            except OSError as exc:
-                log.warning("cannot create %s (%s); add a writable %s path in extra_model_paths.yaml", paths[0], exc, name)
+        register_folder(name)
 
 
 def library_roots() -> list[str]:

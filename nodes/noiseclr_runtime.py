@@ -51,16 +51,7 @@ MAX_INDEX = 255
 
 def register_folder() -> None:
     """models/noiseclr_directions, registered once; extra_model_paths.yaml entries stay first."""
-    default = os.path.join(folder_paths.models_dir, FOLDER)
-    known = folder_paths.folder_names_and_paths.get(FOLDER, ([], set()))[0]
-    if default not in known:
-        folder_paths.add_model_folder_path(FOLDER, default, is_default=False)
-    paths = folder_paths.get_folder_paths(FOLDER)
-    if not any(os.path.isdir(p) for p in paths):
-        try:
-            os.makedirs(paths[0], exist_ok=True)
-        except OSError as exc:
-            log.warning("cannot create %s (%s); add a writable %s path in extra_model_paths.yaml", paths[0], exc, FOLDER)
+    _host.register_folder(FOLDER)
 
 
 def directions_files() -> list[str]:

@@ -18,35 +18,11 @@ import json
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "host"))
 
 import comfy_harness  # noqa: E402  (after the sys.path line above)
-
-
-class Probe:
-    def __init__(self) -> None:
-        self.records: list[tuple[Any, ...]] = []
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> Probe:
-        return self
-
-    def __call__(self, func: Any, *args: Any, **kwargs: Any) -> Any:
-        q, k, _v, heads = args[:4]
-        if q.shape[1] != k.shape[1]:
-            b, n, inner = q.shape
-            dh = inner // heads
-            qh = q.reshape(b, n, heads, dh).transpose(1, 2).float()
-            kh = k.reshape(b, -1, heads, dh).transpose(1, 2).float()
-            sim = qh @ kh.transpose(-1, -2) * dh ** -0.5
-            mask = kwargs.get("mask")
-            if mask is not None:
-                sim = sim + (mask[:, None] if mask.ndim == 3 else mask).float()
-            to = kwargs["transformer_options"]
-            self.records.append((tuple(to["original_shape"][2:]), list(to["cond_or_uncond"]), sim.softmax(-1).mean(1)))
-        return func(*args, **kwargs)
 
 
 def main() -> int:
@@ -75,7 +51,7 @@ def main() -> int:
     shares: dict[tuple[float, int], float] = {}
     phrases: list[str] = []
     for strength in (0.0, 1.0):
-        probe = Probe()
+        probe = comfy_harness.CrossAttentionProbe()
         m = model.clone()
         m.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = probe
         inputs = {k: v for k, v in g_in.items() if not isinstance(v, list)}

@@ -810,3 +810,39 @@ def txt2img_graph(ckpt_name: str, *, seed: int = 0, steps: int = 4, width: int =
         "7": ({"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": prefix}} if save
               else {"class_type": "PreviewImage", "inputs": {"images": ["6", 0]}}),
     }
+
+
+# --------------------------------------------------------------------------------------------------
+# Cross-attention probe (highlight guide tests and figures)
+# --------------------------------------------------------------------------------------------------
+
+class CrossAttentionProbe:
+    """An `optimized_attention_override` that records softmax(QK^T/sqrt(d) + mask) of cross-attention calls.
+
+    Put it on a model (``m.model_options["transformer_options"]["optimized_attention_override"] = probe``)
+    BEFORE another pack's override: an override that chains (as HighlightScribbleGuide's does) passes its bias in
+    `mask`, so the probe sees the attention the UNet really uses. `records` gets one
+    ((latent h, latent w), cond_or_uncond, probs [batch, queries, keys] averaged over heads) per call.
+    """
+
+    def __init__(self) -> None:
+        self.records: list[tuple[tuple[int, int], list[int], Any]] = []
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> CrossAttentionProbe:
+        return self  # ModelPatcher.clone() deep-copies model_options; keep one probe
+
+    def __call__(self, func: Any, *args: Any, **kwargs: Any) -> Any:
+        q, k, _v, heads = args[:4]
+        if q.shape[1] != k.shape[1]:  # keys are text tokens, not pixels
+            b, n, inner = q.shape
+            dh = inner // heads
+            qh = q.reshape(b, n, heads, dh).transpose(1, 2).float()
+            kh = k.reshape(b, -1, heads, dh).transpose(1, 2).float()
+            sim = qh @ kh.transpose(-1, -2) * dh ** -0.5
+            mask = kwargs.get("mask")
+            if mask is not None:
+                sim = sim + (mask[:, None] if mask.ndim == 3 else mask).float()
+            to = kwargs["transformer_options"]
+            shape = to["original_shape"]
+            self.records.append(((int(shape[2]), int(shape[3])), list(to["cond_or_uncond"]), sim.softmax(-1).mean(1)))
+        return func(*args, **kwargs)

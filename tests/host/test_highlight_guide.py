@@ -46,33 +46,7 @@ def loaded(comfy_nodes: ModuleType, tiny_ckpt_name: str) -> tuple[Any, Any, Any]
         return comfy_nodes.CheckpointLoaderSimple().load_checkpoint(tiny_ckpt_name)[:3]
 
 
-class AttentionProbe:
-    """An attention override that records softmax(QK^T/sqrt(d) + mask) of cross-attention layers.
-
-    Installed on the model BEFORE the guide, the guide chains to it, so the probe sees the guide's bias in `mask`.
-    """
-
-    def __init__(self) -> None:
-        self.records: list[tuple[tuple[int, int], list[int], torch.Tensor]] = []
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> AttentionProbe:
-        return self  # ModelPatcher.clone() deep-copies model_options; keep one probe
-
-    def __call__(self, func: Any, *args: Any, **kwargs: Any) -> Any:
-        q, k, _v, heads = args[:4]
-        if q.shape[1] != k.shape[1]:
-            b, n, inner = q.shape
-            dh = inner // heads
-            qh = q.reshape(b, n, heads, dh).transpose(1, 2).float()
-            kh = k.reshape(b, -1, heads, dh).transpose(1, 2).float()
-            sim = qh @ kh.transpose(-1, -2) * dh ** -0.5
-            mask = kwargs.get("mask")
-            if mask is not None:
-                sim = sim + (mask[:, None] if mask.ndim == 3 else mask).float()
-            to = kwargs["transformer_options"]
-            shape = to["original_shape"]
-            self.records.append(((shape[2], shape[3]), list(to["cond_or_uncond"]), sim.softmax(-1).mean(1)))
-        return func(*args, **kwargs)
+AttentionProbe = comfy_harness.CrossAttentionProbe
 
 
 def _probe_model(model: Any, probe: AttentionProbe) -> Any:
