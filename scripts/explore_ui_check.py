@@ -13,7 +13,7 @@ scripts/make_ui_workflows.py:
    that variant (ui "noisequery_choices"), and `pick` -1; Run again: the server must replay that history
    (the explorer's returned history equals it) and the walk is one pick longer;
 3. types pick = 1 in the node and Runs: the widget must take the returned history and `pick` go back to -1;
-4. writes docs/explore_picker.png (the page after a pick), and, unless --no-pictures, renders
+4. writes docs/explore_picker.png (the page after a pick; with --no-pictures into the work folder) and renders
    docs/seed_interpolation_strip.png (one seed walk, 8 steps, t 0..1) and docs/variant_grid.png (a start
    noise and 6 variants at strength 0.3) through POST /prompt. The tiny model's images are saturated noise:
    the pictures show the mechanics (smooth change along the walk, variants near their parent), not looks.
@@ -193,7 +193,7 @@ def main() -> int:
                 else:
                     log("click on variant #2 wrote the offered history into the explorer's widget")
                 page.js("([r, z]) => __nq.fit(r, z)", [list(mk.FIT_RECT), mk.MAX_ZOOM])  # the picker grew
-                page.screenshot(mk.DOCS / "explore_picker.png")
+                page.screenshot((work if args.no_pictures else mk.DOCS) / "explore_picker.png")
                 entry = run_button(page, server)
                 got = entry["outputs"][str(exp)]["noisequery_history"][0]
                 picks = json.loads(got)["picks"]

@@ -271,7 +271,7 @@ class Page:
         dialogs = self.js("() => __nq.openDialogs()")
         if dialogs:
             self._add("dialog", f"dialog open in {path.name}: {dialogs}")
-        log(f"wrote {path.relative_to(ROOT)} ({path.stat().st_size // 1024} KB)")
+        log(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path} ({path.stat().st_size // 1024} KB)")
 
     def close(self) -> None:
         self.context.close()
