@@ -167,14 +167,14 @@ window.__nq = {
   },
   // A seed fed by a link ignores its "control after generate" widget; show "fixed", as the NoiseQuery
   // seed output's tooltip asks. Returns the node ids changed.
-  fixLinkedSeedControls() {
+  // Example workflows are shared to reproduce a result: every "control after generate" is set to fixed
+  // (the frontend defaults seeds to randomize, which would change them after the first run).
+  fixSeedControls() {
     const changed = [];
     for (const n of app.graph._nodes) {
-      for (const inp of n.inputs ?? []) {
-        if (inp.link == null || !inp.widget) continue;
-        const w = n.widgets?.find(w => w.name === inp.widget.name);
-        const next = w ? n.widgets[n.widgets.indexOf(w) + 1] : null;
-        const ctl = w?.linkedWidgets?.find(c => c.name === 'control_after_generate')
+      for (const w of n.widgets ?? []) {
+        const next = n.widgets[n.widgets.indexOf(w) + 1];
+        const ctl = w.linkedWidgets?.find(c => c.name === 'control_after_generate')
           ?? (next?.name === 'control_after_generate' ? next : null);
         if (ctl && ctl.value !== 'fixed') { ctl.value = 'fixed'; changed.push(`${n.id}.${w.name}`); }
       }
@@ -409,9 +409,9 @@ def main() -> int:
                     changed = page.js("(a) => __nq.restoreWidgets(a)", api)
                     for nid, wname, got in changed:
                         notes.append(f"{name}: node {nid} widget {wname} was {got!r} in the page; put back to the API value")
-                    for what in page.js("() => __nq.fixLinkedSeedControls()"):
-                        notes.append(f"{name}: {what} is linked; its control_after_generate set to 'fixed' (UI-only "
-                                     "widget, not in the API file)")
+                    for what in page.js("() => __nq.fixSeedControls()"):
+                        notes.append(f"{name}: {what}: control_after_generate set to 'fixed' (UI-only widget, not in "
+                                     "the API file)")
                     both = json.loads(page.js("() => __nq.exportBoth()"))
                     wf = both["workflow"]
                     wf.get("extra", {}).pop("ds", None)  # no saved view: ComfyUI fits the graph to the user's window
