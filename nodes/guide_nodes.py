@@ -141,6 +141,38 @@ def background_data_url(image: torch.Tensor, max_side: int = 512) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def phrase_boxes(highlights: list[Highlight], width: int, height: int, softness: float
+                 ) -> list[tuple[int, int, int, int]]:
+    """Each highlight's bounding box in latent cells (h, w, y, x), where its region map is >= 0.5."""
+    lh, lw = max(height // 8, 1), max(width // 8, 1)
+    boxes = []
+    for hl in highlights:
+        m = highlight_map(hl, lh, lw, width / height, softness) >= 0.5
+        rows, cols = torch.nonzero(m.any(1)).reshape(-1), torch.nonzero(m.any(0)).reshape(-1)
+        if rows.numel() == 0:
+            raise HighlightError(f"HighlightScribbleGuide: the region of '{hl.phrase}' is empty at {width}x{height}")
+        y0, y1, x0, x1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+        boxes.append((y1 - y0, x1 - x0, y0, x0))
+    return boxes
+
+
+def ground_with_gligen(conditioning: list[Any], clip: Any, gligen: Any, highlights: list[Highlight], width: int,
+                       height: int, softness: float) -> list[Any]:
+    """The conditioning with one GLIGEN position entry per phrase (its stroke's box), in the format ComfyUI's
+    GLIGENTextBoxApply writes: ("position", model, [(pooled phrase, h, w, y, x) in latent cells])."""
+    params = []
+    for hl, (h, w, y, x) in zip(highlights, phrase_boxes(highlights, width, height, softness)):
+        _, pooled = clip.encode_from_tokens(clip.tokenize(hl.phrase), return_pooled="unprojected")
+        params.append((pooled, h, w, y, x))
+    out = []
+    for t in conditioning:
+        extra = t[1].copy()
+        prev = extra["gligen"][2] if "gligen" in extra else []
+        extra["gligen"] = ("position", gligen, prev + params)
+        out.append([t[0], extra])
+    return out
+
+
 # ------------------------------------------------------------------ nodes
 
 
@@ -202,6 +234,9 @@ class HighlightScribbleGuide(io.ComfyNode):
                 io.Image.Input("background", optional=True,
                                tooltip="An image to draw over (e.g. a previous result); shown under the strokes after "
                                        "the first run. Not used for sampling."),
+                io.Gligen.Input("gligen", optional=True,
+                                tooltip="Optional GLIGEN textbox model (GLIGENLoader, SD1.x): each phrase is also grounded "
+                                        "with its stroke's bounding box, as GLIGENTextBoxApply would do with a drawn box."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The model with highlight guidance; use with the conditioning below."),
@@ -227,7 +262,7 @@ class HighlightScribbleGuide(io.ComfyNode):
                 start_percent: float, end_percent: float, schedule: str, edge_softness: float,
                 refocus_percent: float, refocus_iterations: int, refocus_step_size: float,
                 mask_highlights: list[tuple[str, torch.Tensor]] | None = None,
-                background: torch.Tensor | None = None) -> io.NodeOutput:
+                background: torch.Tensor | None = None, gligen: Any = None) -> io.NodeOutput:
         strokes = parse_strokes(highlights)
         masks = list(mask_highlights or [])
         check_masks(masks)
@@ -243,6 +278,8 @@ class HighlightScribbleGuide(io.ComfyNode):
         if ctx_len != total:
             raise HighlightError(f"HighlightScribbleGuide: the text encoder gave {ctx_len} tokens for {total} tokenizer "
                                  "positions; this CLIP lays out tokens in a way the guide does not know")
+        if gligen is not None:
+            conditioning = ground_with_gligen(conditioning, clip, gligen, groups, width, height, edge_softness)
         settings = GuideSettings(strength=strength, start_percent=start_percent, end_percent=end_percent,
                                  schedule=schedule, softness=edge_softness, refocus_steps_percent=refocus_percent,
                                  refocus_iterations=refocus_iterations, refocus_step_size=refocus_step_size)

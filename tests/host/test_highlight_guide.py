@@ -360,3 +360,26 @@ def test_sdxl_unet_is_guided_at_every_level(comfy_nodes: ModuleType, loaded: tup
     assert len(grids) == 2, "both attention resolutions must be guided"
     assert all(min(v) >= 0.8 for v in grids.values()), grids
     assert runtime.layers_seen >= 4
+
+
+def test_gligen_grounding_matches_comfyuis_textbox_node(comfy_nodes: ModuleType, loaded: tuple[Any, Any, Any]) -> None:
+    """With a GLIGEN model connected, each phrase gets its stroke's bounding box in exactly the entry ComfyUI's
+    GLIGENTextBoxApply writes for that box (a stand-in object as the model: no GLIGEN weights fit the tiny UNet,
+    so this checks the grounding data, not GLIGEN's sampling)."""
+    model, clip, _ = loaded
+    stand_in = object()
+    # edge_softness 0: x 0.15..0.85 (round caps), y 0.45..0.55, plus the 0.35-cell anti-aliasing falloff of
+    # stroke_map (>= 0.5 up to 0.41 cell further) -> cells x 4..27, y 14..17 of a 32 x 32 latent
+    stroke = {"phrase": "a cat", "width": 0.1, "points": [[0.2, 0.5], [0.8, 0.5]]}
+    out = _run_guide(comfy_nodes, model, clip, highlights=strokes(stroke), width=256, height=256, edge_softness=0.0,
+                     gligen=stand_in)
+    kind, got_model, params = out.args[1][0][1]["gligen"]
+    assert kind == "position" and got_model is stand_in and len(params) == 1
+    pooled, h, w, y, x = params[0]
+    assert (h, w, y, x) == (4, 24, 14, 4), (h, w, y, x)
+    with torch.inference_mode():
+        plain = comfy_nodes.CLIPTextEncode().encode(clip, PROMPT)[0]
+        ref = comfy_nodes.GLIGENTextBoxApply().append(plain, clip, stand_in, "a cat", w * 8, h * 8, x * 8, y * 8)[0]
+    r_pooled, *r_box = ref[0][1]["gligen"][2][0]
+    assert list(r_box) == [h, w, y, x] and torch.equal(r_pooled, pooled)
+    assert "gligen" not in _run_guide(comfy_nodes, model, clip).args[1][0][1]
