@@ -32,7 +32,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -47,6 +46,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from bench_env import environment  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 from noisequery_core.clip import ClipEmbedder, ClipSpec, load_clip  # noqa: E402
 from noisequery_core.demo import make_sample_folder  # noqa: E402
@@ -130,31 +131,6 @@ def forward_only(batches: list[Any], embedder: ClipEmbedder) -> None:
 
 
 # ----------------------------------------------------------------------------- main
-
-
-def environment() -> dict[str, Any]:
-    import torch
-
-    cpu = ""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "numpy": np.__version__,
-        "thread_env": {
-            k: os.environ[k] for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ
-        },
-    }
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

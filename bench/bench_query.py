@@ -41,7 +41,6 @@ import gc
 import json
 import math
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -56,6 +55,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from bench_env import environment  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 from noisequery_core import color, index  # noqa: E402
 from noisequery_core.manifest import ClipIdentity, FeatureSet, GenerationKey  # noqa: E402
@@ -569,35 +570,6 @@ def markdown(runs: list[dict[str, Any]], targets: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def environment() -> dict[str, Any]:
-    import faiss
-    import torch
-
-    cpu = ""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "faiss": faiss.__version__,
-        "faiss_threads": faiss.omp_get_max_threads(),
-        "numpy": np.__version__,
-        "thread_env": {
-            k: os.environ[k] for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ
-        },
-        "exact_max": index.EXACT_MAX,
-    }
-
-
 # ----------------------------------------------------------------------------- main
 
 
@@ -664,11 +636,14 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     print(f"\nwall time {wall:.0f} s")
     out.parent.mkdir(parents=True, exist_ok=True)
+    import faiss  # imported late on purpose: the memory baseline is taken before it loads
+
     doc = {
         "benchmark": "query",
         "argv": sys.argv[1:],
         "config": {k: v for k, v in vars(args).items() if k not in ("mem_probe", "mem_queries")},
-        "environment": environment(),
+        "environment": environment(faiss=faiss.__version__, faiss_threads=faiss.omp_get_max_threads(),
+                                   exact_max=index.EXACT_MAX),
         "wall_s": wall,
         "runs": runs,
         "targets": targets,

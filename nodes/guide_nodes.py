@@ -39,9 +39,8 @@ PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30
 # ------------------------------------------------------------------ host-facing helpers
 
 
-def _tokenizer_rows(clip: Any, text: str) -> list[list[int]]:
-    """Token id rows (one per 77-token chunk) of ``text``, as the conditioning lays them out."""
-    tokens = clip.tokenize(text)
+def _tokenizer_rows(tokens: dict[str, Any]) -> list[list[int]]:
+    """Token id rows (one per 77-token chunk) of ``clip.tokenize(text)``, as the conditioning lays them out."""
     key = "l" if "l" in tokens else next(iter(tokens))
     return [[int(t[0]) for t in row] for row in tokens[key]]
 
@@ -57,9 +56,11 @@ def _phrase_ids(clip: Any, phrase: str) -> list[int]:
     return [int(i) for i in hf(phrase)["input_ids"][1:-1]]
 
 
-def phrase_columns(clip: Any, prompt: str, highlights: list[Highlight]) -> tuple[list[list[int]], int]:
-    """Token positions of each highlight's phrase in the prompt, and the prompt's token count."""
-    rows = _tokenizer_rows(clip, prompt)
+def phrase_columns(clip: Any, prompt: str, tokens: dict[str, Any], highlights: list[Highlight]
+                   ) -> tuple[list[list[int]], int]:
+    """Token positions of each highlight's phrase in the prompt (``tokens`` = clip.tokenize(prompt)), and the
+    prompt's token count."""
+    rows = _tokenizer_rows(tokens)
     total = sum(len(r) for r in rows)
     cols = []
     for hl in highlights:
@@ -271,8 +272,8 @@ class HighlightScribbleGuide(io.ComfyNode):
             raise HighlightError("HighlightScribbleGuide: no highlights. Draw a stroke on the node's canvas for a phrase "
                                  "of the prompt, or connect NoiseQuery Highlight Mask nodes to mask_highlights")
         ms = check_model(model)
-        columns, total = phrase_columns(clip, prompt, groups)
         tokens = clip.tokenize(prompt)
+        columns, total = phrase_columns(clip, prompt, tokens, groups)
         conditioning = clip.encode_from_tokens_scheduled(tokens)
         ctx_len = int(conditioning[0][0].shape[1])
         if ctx_len != total:

@@ -82,7 +82,7 @@ class HighlightRuntime:
         self.aspect = aspect
         self.previous_override = previous_override
         self._maps: dict[tuple[int, int], torch.Tensor] = {}
-        self._bias: dict[tuple[int, int, int, float], torch.Tensor] = {}
+        self._bias: dict[tuple[Any, ...], torch.Tensor] = {}
         self._lock = threading.Lock()
         self.layers_seen = 0  # cross-attention calls that received a bias (diagnostics, tests)
         self.refocus_calls = 0
@@ -112,15 +112,17 @@ class HighlightRuntime:
         s = self.settings
         return s.strength * guidance_weight(pct, s.start_percent, s.end_percent, s.schedule)
 
-    def bias_for(self, h: int, w: int, n_keys: int, weight: float) -> torch.Tensor:
-        """[h*w, n_keys] bias; keys beyond our prompt's length repeat it (ComfyUI tiles conds to a common length)."""
-        key = (h, w, n_keys, round(weight, 6))
+    def bias_for(self, h: int, w: int, n_keys: int, weight: float, device: torch.device, dtype: torch.dtype
+                 ) -> torch.Tensor:
+        """[h*w, n_keys] bias on ``device``; keys beyond our prompt's length repeat it (ComfyUI tiles conds to a
+        common length). Cached per device and dtype, so a step's many attention calls transfer it once."""
+        key = (h, w, n_keys, round(weight, 6), str(device), dtype)
         with self._lock:
             got = self._bias.get(key)
         if got is None:
             base = attention_bias(self.regions(h, w), self.token_columns, self.context_len, weight,
                                   self.settings.inside, self.settings.outside)
-            got = base.repeat(1, n_keys // self.context_len)
+            got = base.repeat(1, n_keys // self.context_len).to(device, dtype)
             with self._lock:
                 if len(self._bias) > 64:
                     self._bias.clear()
@@ -160,7 +162,7 @@ class HighlightRuntime:
         is_cond = torch.tensor([cou[min(i // per, len(cou) - 1)] == 0 for i in range(b)], device=q.device)
         full = None
         if weight != 0.0:
-            bias = self.bias_for(grid[0], grid[1], nk, weight).to(q.device, q.dtype)
+            bias = self.bias_for(grid[0], grid[1], nk, weight, q.device, q.dtype)
             full = bias[None] * is_cond[:, None, None].to(q.dtype)  # [B, Nq, Nk]; uncond rows unbiased
             self.layers_seen += 1
         if mask is not None and full is not None:
