@@ -49,10 +49,10 @@ if str(ROOT) not in sys.path:
 
 from bench_env import environment  # noqa: E402  (bench/ is on sys.path when run as a script)
 
-from noisequery_core.clip import ClipEmbedder, ClipSpec, load_clip  # noqa: E402
 from noisequery_core.demo import make_sample_folder  # noqa: E402
-from noisequery_core.ingest import import_folder  # noqa: E402
-from noisequery_core.storage import Library  # noqa: E402
+from noisequery_core.library.ingest import import_folder  # noqa: E402
+from noisequery_core.library.storage import Library  # noqa: E402
+from noisequery_core.search.clip import ClipEmbedder, ClipSpec, load_clip  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 

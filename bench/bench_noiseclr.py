@@ -63,7 +63,7 @@ def main() -> int:
     import torch
     from test_noiseclr_nodes import write_domain
 
-    core = sys.modules[mod.__name__.rsplit(".", 2)[0] + ".noisequery_core.noiseclr"]
+    core = sys.modules[mod.__name__.rsplit(".", 2)[0] + ".noisequery_core.directions.noiseclr"]
     dev = comfy.model_management.get_torch_device()
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     results: dict[str, Any] = {"device": str(dev), "checkpoint": Path(ckpt).name, "size": a.size, "steps": a.steps}

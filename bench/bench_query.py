@@ -58,10 +58,10 @@ if str(ROOT) not in sys.path:
 
 from bench_env import environment  # noqa: E402  (bench/ is on sys.path when run as a script)
 
-from noisequery_core import color, index  # noqa: E402
-from noisequery_core.manifest import ClipIdentity, FeatureSet, GenerationKey  # noqa: E402
-from noisequery_core.query import Query, RegionTarget, Searcher, StatTarget  # noqa: E402
-from noisequery_core.storage import Library  # noqa: E402
+from noisequery_core.library.manifest import ClipIdentity, FeatureSet, GenerationKey  # noqa: E402
+from noisequery_core.library.storage import Library  # noqa: E402
+from noisequery_core.search import color, index  # noqa: E402
+from noisequery_core.search.query import Query, RegionTarget, Searcher, StatTarget  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 CHUNK_ROWS = 65_536

@@ -7,13 +7,13 @@ __init__.py's ComfyExtension). Node ids are permanent: saved workflows store the
 from __future__ import annotations
 
 from . import _host
-from .explore_nodes import NoiseQueryVariantPicker, NoiseQueryVariations
-from .guide_nodes import HighlightScribbleGuide, NoiseQueryHighlightMask
-from .interp_nodes import NoiseQueryConditioningInterpolate, NoiseQuerySeedGrid, NoiseQuerySeedSlerp
+from .directions_nodes import NOISECLR_NODES
+from .exploration_rank_nodes import NoiseQueryRank
+from .exploration_variation_nodes import NoiseQueryVariantPicker, NoiseQueryVariations
+from .exploration_walk_nodes import NoiseQueryConditioningInterpolate, NoiseQuerySeedGrid, NoiseQuerySeedSlerp
+from .guidance_nodes import HighlightScribbleGuide, NoiseQueryHighlightMask
 from .library_nodes import BuildNoiseLibrary, NoiseQueryLibraryInfo
-from .noiseclr_nodes import NOISECLR_NODES
-from .query_nodes import NoiseQueryColor, NoiseQueryText
-from .rank_nodes import NoiseQueryRank
+from .search_nodes import NoiseQueryColor, NoiseQueryText
 
 _host.register_folders()
 

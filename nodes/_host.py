@@ -15,15 +15,15 @@ import folder_paths
 import torch
 
 from ..noisequery_core import ClipEmbedder, ClipSpec, Library, Searcher, load_clip
-from ..noisequery_core.clip import spec_for_identity
 from ..noisequery_core.errors import ModelError
-from ..noisequery_core.paths import list_libraries, resolve_library
+from ..noisequery_core.library.paths import list_libraries, resolve_library
+from ..noisequery_core.search.clip import spec_for_identity
 
 log = logging.getLogger("noisequery")
 
 LIBRARY_FOLDER = "noise_libraries"
 CLIP_FOLDER = "noisequery_clip"
-AESTHETIC_FOLDER = "noisequery_aesthetic"  # score heads on CLIP embeddings (nodes/rank_nodes.py)
+AESTHETIC_FOLDER = "noisequery_aesthetic"  # score heads on CLIP embeddings (nodes/exploration_rank_nodes.py)
 
 CLIP_CHOICES = ["ViT-B-32:openai", "ViT-B-16:openai", "ViT-L-14:openai", "ViT-H-14:laion2b_s32b_b79k", "none"]
 
@@ -47,7 +47,7 @@ def register_folder(name: str) -> None:
 
 
 def register_folders() -> None:
-    """The pack's own model folders (NoiseCLR registers its folder in nodes/noiseclr_runtime.py)."""
+    """The pack's own model folders (NoiseCLR registers its folder in nodes/directions_runtime.py)."""
     for name in (LIBRARY_FOLDER, CLIP_FOLDER, AESTHETIC_FOLDER):
         register_folder(name)
 

@@ -19,9 +19,9 @@ from ..noisequery_core import (
     Library,
     feature_set,
 )
-from ..noisequery_core.build import build_seeds
-from ..noisequery_core.paths import check_library_name, resolve_library
-from ..noisequery_core.storage import SEED_MAX
+from ..noisequery_core.library.build import build_seeds
+from ..noisequery_core.library.paths import check_library_name, resolve_library
+from ..noisequery_core.library.storage import SEED_MAX
 from . import _host
 from .sampling import SeedRenderer
 
@@ -193,7 +193,7 @@ class NoiseQueryLibraryInfo(io.ComfyNode):
 
     @classmethod
     def execute(cls, library: str, preview_count: int) -> io.NodeOutput:
-        from .query_nodes import load_thumbnails
+        from .search_nodes import load_thumbnails
 
         lib = _host.open_library(library)
         info = lib.info()

@@ -2,16 +2,20 @@
 
 Host-independent: never imports ComfyUI. The public API:
 
-    Library.open / Library.create      the on-disk library (storage.py)
-    import_folder                      seed-named images → library (ingest.py)
-    Query, Searcher, search            text / colour / layout queries (query.py)
-    verify, merge                      upkeep (maintenance.py)
-    ClipSpec, load_clip                CLIP models through open_clip (clip.py)
+    Library.open / Library.create      the on-disk library (library/storage.py)
+    import_folder                      seed-named images → library (library/ingest.py)
+    Query, Searcher, search            text / colour / layout queries (search/query.py)
+    verify, merge                      upkeep (library/maintenance.py)
+    ClipSpec, load_clip                CLIP models through open_clip (search/clip.py)
+
+Packages, one per system: ``library`` (the seed library on disk), ``search`` (features, index,
+queries), ``guidance`` (highlight strokes → attention), ``directions`` (NoiseCLR), ``exploration``
+(interpolation, variation explorer, ranking). Shared: ``errors``, ``noise`` (KSampler's initial
+noise), ``work`` (the progress/cancel contract of long work).
 """
 
 from __future__ import annotations
 
-from .clip import ClipEmbedder, ClipSpec, load_clip
 from .errors import (
     Cancelled,
     IncompatibleLibraryError,
@@ -23,12 +27,13 @@ from .errors import (
     QueryError,
     SchemaVersionError,
 )
-from .features import FeatureExtractor, feature_set
-from .ingest import ImportReport, import_folder, parse_seed_name
-from .maintenance import MergeReport, VerifyReport, merge, verify
-from .manifest import NOISE_COMFYUI_CPU, NOISE_UNKNOWN, ClipIdentity, FeatureSet, GenerationKey
-from .query import Hit, Query, RegionTarget, Searcher, StatTarget, search
-from .storage import SEED_MAX, Library
+from .library.ingest import ImportReport, import_folder, parse_seed_name
+from .library.maintenance import MergeReport, VerifyReport, merge, verify
+from .library.manifest import NOISE_COMFYUI_CPU, NOISE_UNKNOWN, ClipIdentity, FeatureSet, GenerationKey
+from .library.storage import SEED_MAX, Library
+from .search.clip import ClipEmbedder, ClipSpec, load_clip
+from .search.features import FeatureExtractor, feature_set
+from .search.query import Hit, Query, RegionTarget, Searcher, StatTarget, search
 
 __version__ = "0.1.0"
 

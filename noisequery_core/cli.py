@@ -15,8 +15,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import color
 from .errors import NoiseQueryError
+from .search import color
 
 DEFAULT_CLIP_CACHE = Path.home() / ".cache" / "noisequery" / "clip"
 
@@ -48,7 +48,7 @@ class Progress:
 
 
 def _clip_from_args(args: argparse.Namespace) -> Any:
-    from .clip import ClipSpec, load_clip
+    from .search.clip import ClipSpec, load_clip
 
     if args.clip_model in ("none", "") and not args.clip_config:
         return None
@@ -57,7 +57,7 @@ def _clip_from_args(args: argparse.Namespace) -> Any:
 
 
 def cmd_import(args: argparse.Namespace) -> Any:
-    from .ingest import import_folder
+    from .library.ingest import import_folder
 
     embedder = _clip_from_args(args)
     rep = import_folder(
@@ -84,9 +84,9 @@ def _parse_weighted(text: str) -> tuple[str, float]:
 
 
 def cmd_search(args: argparse.Namespace) -> Any:
-    from .clip import check_identity, load_clip, spec_for_identity
-    from .query import Query, RegionTarget, Searcher, format_report, parse_stat_arg
-    from .storage import Library
+    from .library.storage import Library
+    from .search.clip import check_identity, load_clip, spec_for_identity
+    from .search.query import Query, RegionTarget, Searcher, format_report, parse_stat_arg
 
     lib = Library.open(args.library)
     embedder = None
@@ -144,7 +144,7 @@ def cmd_search(args: argparse.Namespace) -> Any:
 
 
 def cmd_info(args: argparse.Namespace) -> Any:
-    from .storage import Library
+    from .library.storage import Library
 
     lib = Library.open(args.library)
     info = lib.info()
@@ -164,7 +164,7 @@ def cmd_info(args: argparse.Namespace) -> Any:
 
 
 def cmd_verify(args: argparse.Namespace) -> Any:
-    from .maintenance import verify
+    from .library.maintenance import verify
 
     rep = verify(args.library)
     args._exit = 0 if rep.ok else 1
@@ -176,15 +176,15 @@ def cmd_verify(args: argparse.Namespace) -> Any:
 
 
 def cmd_merge(args: argparse.Namespace) -> Any:
-    from .maintenance import merge
+    from .library.maintenance import merge
 
     rep = merge(args.sources, args.into, progress=Progress("merge", not args.quiet))
     return rep.to_json() if args.json else f"merged {rep.added} entries into {args.into} ({rep.overlapping} overlapping seeds skipped)"
 
 
 def cmd_index(args: argparse.Namespace) -> Any:
-    from .index import EXACT_MAX, ensure_index
-    from .storage import Library
+    from .library.storage import Library
+    from .search.index import EXACT_MAX, ensure_index
 
     lib = Library.open(args.library)
     if not lib.has_clip:

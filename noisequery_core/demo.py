@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .clip import ClipSpec, load_clip, local_weight_candidates
-from .ingest import import_folder
-from .query import Hit, Query, Searcher, StatTarget
-from .storage import Library
+from .library.ingest import import_folder
+from .library.storage import Library
+from .search.clip import ClipSpec, load_clip, local_weight_candidates
+from .search.query import Hit, Query, Searcher, StatTarget
 
 log = logging.getLogger("noisequery")
 
@@ -117,6 +117,6 @@ def run_demo(
 
 
 def _layout_query() -> Query:
-    from .query import RegionTarget
+    from .search.query import RegionTarget
 
     return Query(regions=(RegionTarget("top", lightness=0.85), RegionTarget("bottom", color="#1030C0")), top_k=8)

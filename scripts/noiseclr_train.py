@@ -31,7 +31,7 @@ log = logging.getLogger("noisequery")
 def boot(comfy_path: str, *, cpu: bool, extra_model_paths: str | None = None) -> tuple[ModuleType, ModuleType]:
     """Import ComfyUI from ``comfy_path`` as main.py would and load this repo as a pack.
 
-    Returns (ComfyUI's ``nodes`` module, the pack's ``nodes.noiseclr_runtime`` module).
+    Returns (ComfyUI's ``nodes`` module, the pack's ``nodes.directions_runtime`` module).
     """
     path = str(Path(comfy_path).expanduser().resolve())
     if not os.path.isfile(os.path.join(path, "main.py")):
@@ -60,7 +60,7 @@ def boot(comfy_path: str, *, cpu: bool, extra_model_paths: str | None = None) ->
     if not asyncio.run(nodes.load_custom_node(str(ROOT), module_parent="custom_nodes")):
         sys.exit(f"ComfyUI could not load the NoiseQuery pack from {ROOT} (see the log above)")
     cls = nodes.NODE_CLASS_MAPPINGS["NoiseCLRTrainDirections"]
-    return nodes, sys.modules[cls.__module__.rsplit(".", 1)[0] + ".noiseclr_runtime"]
+    return nodes, sys.modules[cls.__module__.rsplit(".", 1)[0] + ".directions_runtime"]
 
 
 def load_checkpoint(nodes: ModuleType, ckpt: str) -> tuple[Any, Any, Any, str]:
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from PIL import Image
 
-    core = sys.modules[mod.__name__.rsplit(".", 2)[0] + ".noisequery_core.noiseclr"]
+    core = sys.modules[mod.__name__.rsplit(".", 2)[0] + ".noisequery_core.directions.noiseclr"]
     settings = core.TrainSettings(
         num_directions=a.num_directions, directions_per_iteration=a.directions_per_iteration,
         iterations=a.iterations, batch_size=a.batch_size, learning_rate=a.learning_rate, temperature=a.temperature,

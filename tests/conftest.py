@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from noisequery_core.manifest import ClipIdentity
+from noisequery_core.library.manifest import ClipIdentity
 
 
 def solid(rgb: tuple[int, int, int], size: int = 64) -> Image.Image:
@@ -88,7 +88,7 @@ def tiny_clip_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]
 
 @pytest.fixture(scope="session")
 def tiny_clip(tiny_clip_files: dict[str, Path]):  # type: ignore[no-untyped-def]
-    from noisequery_core.clip import ClipSpec, load_clip
+    from noisequery_core.search.clip import ClipSpec, load_clip
 
     f = tiny_clip_files
     return load_clip(ClipSpec("", str(f["safetensors"]), str(f["config"])), allow_download=False)

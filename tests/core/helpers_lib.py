@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from noisequery_core import color
-from noisequery_core.manifest import ClipIdentity, FeatureSet, GenerationKey
-from noisequery_core.storage import Library
+from noisequery_core.library.manifest import ClipIdentity, FeatureSet, GenerationKey
+from noisequery_core.library.storage import Library
+from noisequery_core.search import color
 
 
 def feature_set(dim: int | None = 16, thumbs: int = 0) -> FeatureSet:

@@ -8,8 +8,8 @@ import pytest
 from conftest import solid
 
 from noisequery_core import Cancelled, FeatureExtractor, Library, feature_set
-from noisequery_core.build import build_seeds
-from noisequery_core.manifest import GenerationKey
+from noisequery_core.library.build import build_seeds
+from noisequery_core.library.manifest import GenerationKey
 
 
 def render(seeds: list[int]):  # type: ignore[no-untyped-def]

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from noisequery_core.clip import ClipSpec, load_clip, spec_for_identity
 from noisequery_core.errors import ModelError
+from noisequery_core.search.clip import ClipSpec, load_clip, spec_for_identity
 
 
 def test_local_safetensors_and_pt_agree(tiny_clip_files: dict[str, Path], tiny_clip) -> None:  # type: ignore[no-untyped-def]

@@ -7,8 +7,8 @@ import pytest
 from conftest import halves, solid
 from PIL import Image
 
-from noisequery_core import color
 from noisequery_core.errors import QueryError
+from noisequery_core.search import color
 
 
 def stats_of(im: Image.Image) -> dict[str, float]:

@@ -1,4 +1,4 @@
-"""Variation explorer (noisequery_core.explore): derivation, history format, exact replay."""
+"""Variation explorer (noisequery_core.exploration.explore): derivation, history format, exact replay."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from noisequery_core.explore import (
+from noisequery_core.exploration.explore import (
     HISTORY_VERSION,
     History,
     HistoryError,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from noisequery_core.errors import HighlightError
-from noisequery_core.highlight import (
+from noisequery_core.guidance.highlight import (
     EMPTY_HIGHLIGHTS,
     Highlight,
     Stroke,

@@ -12,11 +12,11 @@ from helpers_lib import (
     rows,
 )
 
-from noisequery_core import index as nq_index
-from noisequery_core.index import ClipSearcher, exact_topk, load_index, maintain_index
-from noisequery_core.manifest import ClipIdentity, GenerationKey
-from noisequery_core.query import Query, Searcher
-from noisequery_core.storage import Library
+from noisequery_core.library.manifest import ClipIdentity, GenerationKey
+from noisequery_core.library.storage import Library
+from noisequery_core.search import index as nq_index
+from noisequery_core.search.index import ClipSearcher, exact_topk, load_index, maintain_index
+from noisequery_core.search.query import Query, Searcher
 
 
 def clustered(n: int, dim: int, rng: np.random.Generator, k: int = 64) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Seed and prompt interpolation (noisequery_core.interp): statistics, exact endpoints, extrapolation, lengths."""
+"""Seed and prompt interpolation (noisequery_core.exploration.interp): statistics, exact endpoints, extrapolation, lengths."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from noisequery_core.interp import (
+from noisequery_core.exploration.interp import (
     InterpolationError,
     interpolate_pooled,
     interpolate_tokens,

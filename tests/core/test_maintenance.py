@@ -9,7 +9,7 @@ import pytest
 from conftest import solid
 
 from noisequery_core import IncompatibleLibraryError, Library, import_folder, merge, verify
-from noisequery_core.manifest import GenerationKey
+from noisequery_core.library.manifest import GenerationKey
 
 
 def build(tmp: Path, name: str, seeds: range, gen: GenerationKey | None = None) -> Path:

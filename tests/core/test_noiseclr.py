@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from noisequery_core.errors import NoiseCLRError, NoiseQueryError
-from noisequery_core.noiseclr import (
+from noisequery_core.directions.noiseclr import (
     Directions,
     TrainSettings,
     checkpoint_path_for,
@@ -23,6 +22,7 @@ from noisequery_core.noiseclr import (
     save_directions,
     train_directions,
 )
+from noisequery_core.errors import NoiseCLRError, NoiseQueryError
 
 D = 16  # context width of the fake model
 T0 = 6  # tokens of the fake empty prompt

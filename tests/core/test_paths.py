@@ -9,7 +9,7 @@ import pytest
 from helpers_lib import make_library
 
 from noisequery_core.errors import LibraryError
-from noisequery_core.paths import check_library_name, list_libraries, resolve_library
+from noisequery_core.library.paths import check_library_name, list_libraries, resolve_library
 
 
 @pytest.mark.parametrize(

@@ -9,8 +9,9 @@ import pytest
 from conftest import COLOR_WORDS, FakeEmbedder, halves, solid
 from helpers_lib import make_library
 
-from noisequery_core import FeatureExtractor, Library, Query, QueryError, RegionTarget, Searcher, StatTarget, color
-from noisequery_core.manifest import ClipIdentity, FeatureSet, GenerationKey
+from noisequery_core import FeatureExtractor, Library, Query, QueryError, RegionTarget, Searcher, StatTarget
+from noisequery_core.library.manifest import ClipIdentity, FeatureSet, GenerationKey
+from noisequery_core.search import color
 
 PALETTE = {
     "red": (220, 20, 20),

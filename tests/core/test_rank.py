@@ -1,4 +1,4 @@
-"""Metric ranking (noisequery_core.rank): CLIP score, z-score combination, aesthetic heads (LAION shapes)."""
+"""Metric ranking (noisequery_core.exploration.rank): CLIP score, z-score combination, aesthetic heads (LAION shapes)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from noisequery_core.errors import ModelError, QueryError
-from noisequery_core.rank import AestheticHead, clip_scores, rank
+from noisequery_core.exploration.rank import AestheticHead, clip_scores, rank
 
 
 def _unit(rows: np.ndarray) -> np.ndarray:

@@ -10,8 +10,8 @@ import pytest
 from helpers_lib import feature_set, make_library, rows
 
 from noisequery_core.errors import IncompatibleLibraryError, LibraryError, LibraryLockedError, SchemaVersionError
-from noisequery_core.manifest import GenerationKey
-from noisequery_core.storage import SEED_MAX, Library
+from noisequery_core.library.manifest import GenerationKey
+from noisequery_core.library.storage import SEED_MAX, Library
 
 
 def test_full_seed_range_round_trips(tmp_path: Path) -> None:

@@ -104,7 +104,8 @@ def test_strategy_sets_name_real_samplers(comfy_nodes: ModuleType) -> None:
 def test_library_entry_equals_ksampler(sampler: str, cfg: float, negative: str, comfy_nodes: ModuleType,
                                        comfy_runner: comfy_harness.InProcessRunner, tiny_ckpt_name: str,
                                        nq_libraries_dir: Path) -> None:
-    from noisequery_core import Library, color, verify
+    from noisequery_core import Library, verify
+    from noisequery_core.search import color
 
     sampling = G.pack_module(comfy_nodes, "nodes.sampling")
     lib_name = f"repro/{sampler}-cfg{cfg:g}"

@@ -281,15 +281,15 @@ def test_rank_by_clip_and_aesthetic_returns_the_winners_noise(comfy_nodes: Any, 
 
     # the ranking itself: recompute the metrics with the same models and check the order
     host = G.pack_module(comfy_nodes, "nodes._host")
-    rank_nodes = G.pack_module(comfy_nodes, "nodes.rank_nodes")
+    exploration_rank_nodes = G.pack_module(comfy_nodes, "nodes.exploration_rank_nodes")
     from noisequery_core import ClipSpec
-    from noisequery_core.rank import clip_scores, embed_images, rank
+    from noisequery_core.exploration.rank import clip_scores, embed_images, rank
 
     emb = host.embedder_for(ClipSpec.parse("ViT-B-32:openai"))
     sampling = G.pack_module(comfy_nodes, "nodes.sampling")
     e = embed_images(emb, sampling.to_pil(images))
     clip = clip_scores(e, emb.encode_text(["a red apple"])[0])
-    aest = rank_nodes.aesthetic_head(aesthetic_file)(e)
+    aest = exploration_rank_nodes.aesthetic_head(aesthetic_file)(e)
     want = rank({"clip": clip, "aesthetic": aest}, {"clip": 1.0, "aesthetic": 0.5}).order
     order = [int(np.argmin([float((ranked[r] - images[i]).abs().max()) for i in range(4)])) for r in range(4)]
     assert order == want and best_index == want[0]
@@ -303,7 +303,7 @@ def test_rank_seeds_of_query_hits(comfy_runner: InProcessRunner, tiny_ckpt_name:
     import torch
 
     from noisequery_core import Library
-    from noisequery_core.rank import clip_scores, rank
+    from noisequery_core.exploration.rank import clip_scores, rank
 
     lib = "inproc/rank_hits"
     graph = G.base(tiny_ckpt_name)
@@ -328,7 +328,7 @@ def test_rank_seeds_of_query_hits(comfy_runner: InProcessRunner, tiny_ckpt_name:
     assert "stored embeddings of the hits" in report.splitlines()[0], report
     library = Library.open(nq_libraries_dir / "inproc" / "rank_hits")
     host = G.pack_module(comfy_nodes, "nodes._host")
-    from noisequery_core.clip import spec_for_identity
+    from noisequery_core.search.clip import spec_for_identity
 
     emb = host.embedder_for(spec_for_identity(library.features.clip))
     stored = library.column("clip")[library.rows_of(hits)].astype("float32")

@@ -197,7 +197,7 @@ def test_bad_highlights_fail_clearly(overrides: dict[str, Any], words: str, comf
 
 
 def test_models_without_a_unet_are_refused(comfy_nodes: ModuleType) -> None:
-    guide_mod = G.pack_module(comfy_nodes, "nodes.guide_nodes")
+    guide_mod = G.pack_module(comfy_nodes, "nodes.guidance_nodes")
     fake = SimpleNamespace(model=SimpleNamespace(diffusion_model=torch.nn.Linear(2, 2)))
     with pytest.raises(Exception, match="cannot guide"):
         guide_mod.check_model(fake)

@@ -300,7 +300,7 @@ def test_bad_input_errors_name_the_right_input(comfy_server: ComfyServer, tiny_c
 def outside_library(server_libraries_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
     """A real library outside the noise_libraries folder, reachable through a symlink inside it."""
     from noisequery_core import FeatureSet, GenerationKey, Library
-    from noisequery_core.color import COLOR_VERSION
+    from noisequery_core.search.color import COLOR_VERSION
 
     outside = tmp_path_factory.mktemp("outside") / "lib"
     Library.create(outside, GenerationKey(model="x", latent_shape=(4, 8, 8)), FeatureSet(None, COLOR_VERSION, 0))
@@ -337,7 +337,7 @@ def test_symlink_out_of_the_folder_is_refused(comfy_server: ComfyServer, tiny_ck
 def test_empty_library_is_refused_clearly(comfy_server: ComfyServer, tiny_ckpt_name: str,
                                           server_libraries_dir: Path) -> None:
     from noisequery_core import FeatureSet, GenerationKey, Library
-    from noisequery_core.color import COLOR_VERSION
+    from noisequery_core.search.color import COLOR_VERSION
 
     Library.create(server_libraries_dir / "server_empty", GenerationKey(model="x", latent_shape=(4, 8, 8)),
                    FeatureSet(None, COLOR_VERSION, 0))

@@ -80,11 +80,11 @@ def _error(entry: dict[str, Any]) -> str:
 
 
 def _mod(comfy_nodes: ModuleType) -> ModuleType:
-    return G.pack_module(comfy_nodes, "nodes.noiseclr_runtime")
+    return G.pack_module(comfy_nodes, "nodes.directions_runtime")
 
 
 def _core(comfy_nodes: ModuleType) -> ModuleType:
-    return G.pack_module(comfy_nodes, "noisequery_core.noiseclr")
+    return G.pack_module(comfy_nodes, "noisequery_core.directions.noiseclr")
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 // writes the history that pick leads to (computed by the server, ui key "noisequery_choices") into the
 // Variation Explorer's `history` widget and sets its `pick` to -1, so the next Run continues from that variant.
 // After a run, the explorer's own history (ui key "noisequery_history") is written back into its widget, which
-// is how a `pick` typed into the node is consumed. Kept in sync with nodes/explore_nodes.py (UI_* keys, widget
+// is how a `pick` typed into the node is consumed. Kept in sync with nodes/exploration_variation_nodes.py (UI_* keys, widget
 // names). No JSON is built here: the server computes every history, so replays stay bit for bit.
 import { app } from "../../../scripts/app.js";
 import { api } from "../../../scripts/api.js";

@@ -7,7 +7,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import LibraryError
+from ..errors import LibraryError
 
 # One path component of letters, digits and . _ - (plus sub-folders separated by "/"), no
 # leading dot: what a combo entry or a typed name may look like.

@@ -26,8 +26,8 @@ from typing import IO, Any
 
 import numpy as np
 
-from . import color
-from .errors import IncompatibleLibraryError, LibraryError, LibraryLockedError
+from ..errors import IncompatibleLibraryError, LibraryError, LibraryLockedError
+from ..search import color
 from .manifest import (
     ColumnSpec,
     FeatureSet,

@@ -16,10 +16,10 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from .clip import ClipEmbedder
-from .errors import Cancelled, NoiseQueryError
-from .features import FeatureExtractor, Prepared, feature_set
-from .index import maintain_index
+from ..errors import Cancelled, NoiseQueryError
+from ..search.clip import ClipEmbedder
+from ..search.features import FeatureExtractor, Prepared, feature_set
+from ..search.index import maintain_index
 from .manifest import GenerationKey
 from .storage import SEED_MAX, Library
 

@@ -1,7 +1,7 @@
 """Variation explorer: variants around the current noise/prompt, a pick, and a history that replays bit for bit.
 
 A walk starts from one seed's KSampler noise. Each round offers N variants; variant j of round k is the current
-noise slerped (noisequery_core.interp) toward the noise of a fresh seed derived from (start seed, k, j), at the
+noise slerped (noisequery_core.exploration.interp) toward the noise of a fresh seed derived from (start seed, k, j), at the
 round's strength, and optionally the current prompt embedding moved along a random direction (seeded the same
 way) by cond_strength times each token's norm. Picking variant j makes it the current state.
 
@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 
-from .errors import NoiseQueryError
+from ..errors import NoiseQueryError
+from ..noise import SEED_MASK, seed_noise
 from .interp import slerp
-from .noise import SEED_MASK, seed_noise
 
 HISTORY_FORMAT = "noisequery.explore"
 HISTORY_VERSION = 1

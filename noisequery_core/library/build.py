@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from .errors import Cancelled, NoiseQueryError
-from .features import FeatureExtractor
-from .index import maintain_index
+from ..errors import Cancelled, NoiseQueryError
+from ..search.features import FeatureExtractor
+from ..search.index import maintain_index
 from .storage import Library
 
 log = logging.getLogger("noisequery")

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import HighlightError
+from ..errors import HighlightError
 
 HIGHLIGHTS_VERSION = 1
 EMPTY_HIGHLIGHTS = json.dumps({"version": HIGHLIGHTS_VERSION, "strokes": []})

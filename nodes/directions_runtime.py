@@ -2,7 +2,7 @@
 context), the training run, and the sampling patch that applies directions (MODEL and GUIDER).
 
 The algorithm (loss, training loop, checkpoint/resume, file format) lives in noisequery_core/noiseclr.py; the
-node classes are in nodes/noiseclr_nodes.py.
+node classes are in nodes/directions_nodes.py.
 """
 
 from __future__ import annotations
@@ -23,8 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageOps
 
-from ..noisequery_core.errors import NoiseCLRError
-from ..noisequery_core.noiseclr import (
+from ..noisequery_core.directions.noiseclr import (
     CHECKPOINT_SUFFIX,
     Directions,
     TrainSettings,
@@ -36,6 +35,7 @@ from ..noisequery_core.noiseclr import (
     save_directions,
     train_directions,
 )
+from ..noisequery_core.errors import NoiseCLRError
 from . import _host
 
 log = logging.getLogger("noisequery")

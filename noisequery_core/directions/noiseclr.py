@@ -40,8 +40,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import NoiseCLRError
-from .manifest import atomic_write_bytes
+from ..errors import NoiseCLRError
+from ..library.manifest import atomic_write_bytes
 
 log = logging.getLogger("noisequery")
 

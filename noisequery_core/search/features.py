@@ -13,10 +13,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ..library.manifest import FeatureSet
+from ..library.storage import encode_thumbnail
 from . import color
 from .clip import ClipEmbedder
-from .manifest import FeatureSet
-from .storage import encode_thumbnail
 
 
 @dataclass
@@ -31,11 +31,11 @@ class Prepared:
 
 def feature_set(embedder: ClipEmbedder | None, *, thumbnail_size: int = 256, thumbnail_format: str = "webp") -> FeatureSet:
     if thumbnail_format.lower() not in ("webp", "jpg"):
-        from .errors import NoiseQueryError
+        from ..errors import NoiseQueryError
 
         raise NoiseQueryError(f"Thumbnail format {thumbnail_format!r} is not supported; use 'webp' or 'jpg'.")
     if thumbnail_size < 0:
-        from .errors import NoiseQueryError
+        from ..errors import NoiseQueryError
 
         raise NoiseQueryError(f"Thumbnail size {thumbnail_size} must be 0 (none) or a positive number of pixels.")
     return FeatureSet(

@@ -22,8 +22,8 @@ from collections.abc import Sequence
 
 import torch
 
-from .errors import NoiseQueryError
-from .noise import seed_noise
+from ..errors import NoiseQueryError
+from ..noise import seed_noise
 
 MODES = ("slerp", "lerp")
 # Below this angle (radians) two vectors count as parallel and slerp falls back to a normalised lerp.

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import LibraryError, SchemaVersionError
+from ..errors import LibraryError, SchemaVersionError
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"

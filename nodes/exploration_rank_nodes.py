@@ -1,6 +1,6 @@
 """NoiseQueryRank: order a batch of images by CLIP score against a prompt and/or an aesthetic predictor.
 
-Thin glue over noisequery_core.rank; CLIP models come from the pack's cache (nodes/_host.embedder_for, the same
+Thin glue over noisequery_core.exploration.rank; CLIP models come from the pack's cache (nodes/_host.embedder_for, the same
 models the noise libraries are built with), aesthetic heads from models/noisequery_aesthetic.
 """
 
@@ -15,8 +15,8 @@ import torch
 from comfy_api.latest import io
 
 from ..noisequery_core import ClipSpec, QueryError
-from ..noisequery_core.clip import spec_for_identity
-from ..noisequery_core.rank import AestheticHead, clip_scores, embed_images, rank
+from ..noisequery_core.exploration.rank import AestheticHead, clip_scores, embed_images, rank
+from ..noisequery_core.search.clip import spec_for_identity
 from . import _host
 from .sampling import to_pil
 

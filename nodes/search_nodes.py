@@ -11,11 +11,12 @@ import torch
 from comfy_api.latest import io
 from PIL import Image
 
-from ..noisequery_core import Library, Query, QueryError, RegionTarget, StatTarget, color
-from ..noisequery_core.color import parse_hex_color
+from ..noisequery_core import Library, Query, QueryError, RegionTarget, StatTarget
+from ..noisequery_core.library.storage import SEED_MAX
 from ..noisequery_core.noise import batch_noise
-from ..noisequery_core.query import Hit, format_report
-from ..noisequery_core.storage import SEED_MAX
+from ..noisequery_core.search import color
+from ..noisequery_core.search.color import parse_hex_color
+from ..noisequery_core.search.query import Hit, format_report
 from . import _host
 
 log = logging.getLogger("noisequery")

@@ -1,6 +1,6 @@
 """Ranking a batch of images by metrics: CLIP score against a prompt, and an optional aesthetic predictor.
 
-Metrics are combined the way query terms are (noisequery_core.query): each is standardised over the batch
+Metrics are combined the way query terms are (noisequery_core.search.query): each is standardised over the batch
 (z-score) and weighted, so weights are comparable whatever a metric's scale (cosines ~0.2-0.35, aesthetic
 scores ~1-10). Raw values stay in the report.
 
@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import ModelError, QueryError
+from ..errors import ModelError, QueryError
 
 _LAYER_KEY = re.compile(r"^(?:.*\.)?layers\.(\d+)\.(weight|bias)$")
 

@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from .errors import MissingDependencyError
-from .manifest import atomic_write_bytes
-from .storage import Library
+from ..errors import MissingDependencyError
+from ..library.manifest import atomic_write_bytes
+from ..library.storage import Library
 
 log = logging.getLogger("noisequery")
 

@@ -1,6 +1,6 @@
 """NoiseQuerySeedSlerp, NoiseQuerySeedGrid, NoiseQueryConditioningInterpolate: walk between seeds and prompts.
 
-Thin glue over noisequery_core.interp. The noises are NOISE objects for SamplerCustomAdvanced: KSampler draws
+Thin glue over noisequery_core.exploration.interp. The noises are NOISE objects for SamplerCustomAdvanced: KSampler draws
 its noise from a seed and cannot take a given one, so the in-between steps of a seed walk need
 SamplerCustomAdvanced (the endpoints are just the seeds, and a KSampler with either seed reproduces them).
 """
@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from comfy_api.latest import io
 
-from ..noisequery_core.interp import (
+from ..noisequery_core.exploration.interp import (
     MODES,
     InterpolationError,
     grid_coordinates,
@@ -159,7 +159,7 @@ class NoiseQuerySeedGrid(io.ComfyNode):
 def interpolate_conditioning(cond_a: list[Any], cond_b: list[Any], ts: Sequence[float], mode: str) -> list[Any]:
     """CONDITIONING blended at each factor; entries paired in order (a one-entry side pairs with all).
 
-    Token tensors and pooled outputs are blended (noisequery_core.interp); the other keys of each entry (areas,
+    Token tensors and pooled outputs are blended (noisequery_core.exploration.interp); the other keys of each entry (areas,
     strengths, SDXL sizes, ...) are taken from A.
     """
     if len(cond_a) != len(cond_b) and 1 not in (len(cond_a), len(cond_b)):

@@ -1,6 +1,6 @@
 """NoiseQueryVariations and NoiseQueryVariantPicker: variants around the current noise/prompt, pick, repeat.
 
-The walk's state is the `history` STRING widget of NoiseQueryVariations (JSON, noisequery_core.explore), so it
+The walk's state is the `history` STRING widget of NoiseQueryVariations (JSON, noisequery_core.exploration.explore), so it
 is saved with the workflow and sent with every prompt; the node replays it on each run. A pick reaches the
 history either from the UI (clicking an image on NoiseQueryVariantPicker: web/js/noisequery_explore.js writes
 the history that pick leads to, computed here, into the Variations node's widget) or headless (the `pick`
@@ -17,7 +17,7 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..noisequery_core.errors import NoiseQueryError
-from ..noisequery_core.explore import (
+from ..noisequery_core.exploration.explore import (
     History,
     HistoryError,
     Pick,
@@ -28,7 +28,7 @@ from ..noisequery_core.explore import (
     variant_noises,
     variant_tokens,
 )
-from .interp_nodes import SEED_MAX, BatchNoise, empty_latent, latent_size_inputs
+from .exploration_walk_nodes import SEED_MAX, BatchNoise, empty_latent, latent_size_inputs
 
 MAX_VARIANTS = 64
 # ui keys read by web/js/noisequery_explore.js (kept in sync there).

@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import MissingDependencyError, ModelError
-from .manifest import ClipIdentity
+from ..errors import MissingDependencyError, ModelError
+from ..library.manifest import ClipIdentity
 
 log = logging.getLogger("noisequery")
 

@@ -12,7 +12,7 @@ How it attaches (and why it composes with other packs):
   ``HighlightRuntime.layers_seen`` lets the node report.
 * Refocusing is a PREDICT_NOISE wrapper (ComfyUI's wrapper list, so it also composes): in its
   steps it runs the positive conditioning once with gradients, takes the loss of
-  noisequery_core.highlight.refocus_loss on the captured attention maps, moves the latent
+  noisequery_core.guidance.highlight.refocus_loss on the captured attention maps, moves the latent
   against the gradient, predicts from the moved latent and returns that prediction shifted by
   the move (the sampler keeps its own x, so the move is carried in the denoised estimate).
 """
@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from ..noisequery_core.highlight import (
+from ..noisequery_core.guidance.highlight import (
     BIAS_INSIDE,
     BIAS_OUTSIDE,
     Highlight,

@@ -20,10 +20,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from ..errors import QueryError
+from ..library.storage import Library
 from . import color
-from .errors import QueryError
 from .index import ClipSearcher
-from .storage import Library
 
 log = logging.getLogger("noisequery")
 

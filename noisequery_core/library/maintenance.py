@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import LibraryError, NoiseQueryError
+from ..errors import LibraryError, NoiseQueryError
 from .manifest import read_manifest
 from .storage import THUMBS_DIR, Library, check_compatible
 
@@ -79,7 +79,7 @@ def verify(library_dir: str | os.PathLike[str]) -> VerifyReport:
         orphans = len(have - {str(int(s)) for s in seeds})
         if orphans:
             rep.warnings.append(f"{orphans} thumbnails belong to no committed entry (left by an interrupted write).")
-    from .index import load_index
+    from ..search.index import load_index
 
     if lib.has_clip and (lib.path / "index").exists():
         got = load_index(lib)
@@ -146,7 +146,7 @@ def merge(
                 done += stop - start
                 if progress:
                     progress(done, total)
-        from .index import maintain_index
+        from ..search.index import maintain_index
 
         maintain_index(out)
     return rep

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .errors import QueryError
+from ..errors import QueryError
 
 COLOR_VERSION = 1
 ANALYSIS_SIZE = 256

@@ -1,6 +1,6 @@
 """NoiseCLR nodes: train interpretable directions from unlabeled images, and apply several at once.
 
-Thin V3 glue: the ComfyUI-facing work is in nodes/noiseclr_runtime.py, the algorithm in
+Thin V3 glue: the ComfyUI-facing work is in nodes/directions_runtime.py, the algorithm in
 noisequery_core/noiseclr.py.
 """
 
@@ -16,15 +16,15 @@ import torch
 from comfy_api.latest import io
 from server import PromptServer
 
-from ..noisequery_core.errors import NoiseCLRError
-from ..noisequery_core.noiseclr import (
+from ..noisequery_core.directions.noiseclr import (
     TrainSettings,
     load_directions,
     parse_names,
     rename_directions,
 )
+from ..noisequery_core.errors import NoiseCLRError
 from . import _host
-from .noiseclr_runtime import (
+from .directions_runtime import (
     FOLDER,
     MAX_INDEX,
     SLOTS,

@@ -13,7 +13,7 @@ from comfy_api.latest import io
 from PIL import Image
 
 from ..noisequery_core.errors import HighlightError
-from ..noisequery_core.highlight import (
+from ..noisequery_core.guidance.highlight import (
     EMPTY_HIGHLIGHTS,
     SCHEDULES,
     Highlight,
@@ -24,7 +24,7 @@ from ..noisequery_core.highlight import (
     map_centroid_and_area,
     parse_strokes,
 )
-from .highlight_runtime import GuideSettings, HighlightRuntime, install
+from .guidance_runtime import GuideSettings, HighlightRuntime, install
 
 log = logging.getLogger("noisequery")
 
