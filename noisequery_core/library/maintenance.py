@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import LibraryError, NoiseQueryError
+from ..search import color, palette
 from .manifest import read_manifest
 from .storage import THUMBS_DIR, Library, check_compatible
 
@@ -52,6 +53,11 @@ def verify(library_dir: str | os.PathLike[str]) -> VerifyReport:
                 f"{c.name}.bin has {extra} bytes past the committed rows (an interrupted write); "
                 "they are ignored and discarded by the next writer."
             )
+    if m.features.color_version != color.COLOR_VERSION:
+        rep.warnings.append(
+            f"colour features v{m.features.color_version} (this NoiseQuery computes v{color.COLOR_VERSION}): colour queries "
+            f"need an upgrade: `python -m noisequery_core upgrade --library {lib.path}`."
+        )
     seeds = np.asarray(lib.seeds)
     uniq, counts = np.unique(seeds, return_counts=True)
     if len(uniq) != len(seeds):
@@ -62,9 +68,14 @@ def verify(library_dir: str | os.PathLike[str]) -> VerifyReport:
         stats = np.asarray(lib.column("stats")[start:stop], dtype=np.float32)
         if not np.isfinite(stats).all():
             rep.problems.append(f"non-finite statistics in rows {start}..{stop - 1}.")
-        hist = np.asarray(lib.column("hist")[start:stop], dtype=np.float32).sum(axis=1)
-        if np.any(np.abs(hist - 1) > 0.02):
-            rep.problems.append(f"colour histograms in rows {start}..{stop - 1} do not sum to 1.")
+        if m.column("hist") is not None:  # colour version 1
+            hist = np.asarray(lib.column("hist")[start:stop], dtype=np.float32).sum(axis=1)
+            if np.any(np.abs(hist - 1) > 0.02):
+                rep.problems.append(f"colour histograms in rows {start}..{stop - 1} do not sum to 1.")
+        if m.column("palette") is not None:
+            bad = palette.damaged_rows(lib.column("palette")[start:stop], lib.column("palette_shares")[start:stop])
+            if bad.any():
+                rep.problems.append(f"{int(bad.sum())} colour palettes in rows {start}..{stop - 1} are damaged (codes out of range or shares not summing to 1).")
         if lib.has_clip:
             emb = np.asarray(lib.column("clip")[start:stop], dtype=np.float32)
             norms = np.linalg.norm(emb, axis=1)

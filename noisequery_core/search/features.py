@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ..errors import IncompatibleLibraryError
 from ..library.manifest import FeatureSet
 from ..library.storage import encode_thumbnail
 from . import color
@@ -21,10 +22,7 @@ from .clip import ClipEmbedder
 
 @dataclass
 class Prepared:
-    stats: np.ndarray
-    hist: np.ndarray
-    layout: np.ndarray
-    regions: np.ndarray
+    colour: dict[str, np.ndarray]  # one row of each colour column (color.analyse_one)
     pixels: Any  # CLIP-preprocessed tensor [3, S, S] or None
     thumbnail: bytes | None
 
@@ -52,6 +50,12 @@ class FeatureExtractor:
     def __init__(self, features: FeatureSet, embedder: ClipEmbedder | None):
         if (features.clip is None) != (embedder is None):
             raise ValueError("the embedder must be given exactly when the feature set has CLIP")
+        if features.color_version != color.COLOR_VERSION:
+            raise IncompatibleLibraryError(
+                f"The library has colour features v{features.color_version}; this NoiseQuery computes "
+                f"v{color.COLOR_VERSION} and never mixes the two in one library. Upgrade the library first: "
+                "`python -m noisequery_core upgrade --library <folder>`."
+            )
         self.features = features
         self.embedder = embedder
 
@@ -59,18 +63,13 @@ class FeatureExtractor:
         """CPU work for one decoded image (thread-safe)."""
         if image.mode != "RGB":
             image = image.convert("RGB")
-        stats, hist, layout, regions = color.analyse_one(color.prepare(image))
+        colour = color.analyse_one(color.prepare(image))
         pixels = self.embedder.preprocess(image) if self.embedder is not None else None
-        return Prepared(stats, hist, layout, regions, pixels, encode_thumbnail(image, self.features))
+        return Prepared(colour, pixels, encode_thumbnail(image, self.features))
 
     def finish(self, prepared: Sequence[Prepared]) -> tuple[dict[str, np.ndarray], list[bytes | None]]:
         """Run the CLIP model on a prepared batch; returns (columns, thumbnails) for LibraryWriter.append."""
-        cols: dict[str, np.ndarray] = {
-            "stats": np.stack([p.stats for p in prepared]),
-            "hist": np.stack([p.hist for p in prepared]),
-            "layout": np.stack([p.layout for p in prepared]),
-            "regions": np.stack([p.regions for p in prepared]),
-        }
+        cols: dict[str, np.ndarray] = {name: np.stack([p.colour[name] for p in prepared]) for name in prepared[0].colour}
         if self.embedder is not None:
             import torch
 

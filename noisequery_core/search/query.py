@@ -22,7 +22,7 @@ import numpy as np
 
 from ..errors import QueryError
 from ..library.storage import Library
-from . import color
+from . import color, palette
 from .index import ClipSearcher
 
 log = logging.getLogger("noisequery")
@@ -119,12 +119,26 @@ class _Columns:
     """Column-major float copies of the colour columns (fast per-feature scans)."""
 
     def __init__(self, library: Library):
+        self.library = library
         self.count = library.count
+        self.color_version = library.features.color_version
         self.stats = np.ascontiguousarray(np.asarray(library.column("stats"), dtype=np.float32).T)  # [S, N]
-        # float32 so a colour query is a few contiguous multiply-adds per active bin (the
-        # histogram is the only colour feature scanned in full: 256 B per entry in RAM).
-        self.hist = np.ascontiguousarray(np.asarray(library.column("hist"), dtype=np.float32).T)  # [B, N]
         self.regions = np.ascontiguousarray(np.asarray(library.column("regions")).transpose(1, 2, 0))  # fp16 [R,3,N]
+        self._palette: palette.PaletteColumns | None = None
+
+    def palette_columns(self) -> palette.PaletteColumns:
+        """The palette columns laid out for the scan (loaded on first use: 168 B per entry in RAM)."""
+        if self.color_version != color.COLOR_VERSION:
+            lib = self.library
+            raise QueryError(
+                f"Library {lib.path} has colour features v{self.color_version}; colour queries need "
+                f"v{color.COLOR_VERSION}. Upgrade it once with `python -m noisequery_core upgrade --library {lib.path}` "
+                "(add `--images <folder>` to recompute from the original images instead of the thumbnails). "
+                "Text, statistic, lightness and layout queries work without it."
+            )
+        if self._palette is None:
+            self._palette = palette.PaletteColumns.from_rows(self.library.column("palette"), self.library.column("palette_shares"))
+        return self._palette
 
 
 @dataclass
@@ -150,7 +164,8 @@ class Searcher:
 
     # -- caches, refreshed when the library grows
     def _columns(self) -> _Columns:
-        if self._cols is None or self._cols.count != self.library.count:
+        lib = self.library
+        if self._cols is None or (self._cols.count, self._cols.color_version) != (lib.count, lib.features.color_version):
             self._cols = _Columns(self.library)
             self._sample = None
         return self._cols
@@ -333,14 +348,11 @@ class Searcher:
             return a if rows is None else a[..., rows]
 
         for hexcol, w in query.colors:
-            kern = color.color_kernel(color.parse_hex_color(hexcol))
-            active = np.nonzero(kern > 1e-2)[0]  # the rest holds a few % of the kernel's mass
+            target = color.srgb_to_lab(color.parse_hex_color(hexcol))
+            pal = cols.palette_columns()  # raises QueryError (how to upgrade) on an older colour version
 
-            def raw_color(rows: np.ndarray | None, kern: np.ndarray = kern, active: np.ndarray = active) -> np.ndarray:
-                out = np.zeros(self._nrows(rows), np.float32)
-                for b in active:
-                    out += kern[b] * pick(cols.hist[b], rows)
-                return out
+            def raw_color(rows: np.ndarray | None, target: np.ndarray = target, pal: palette.PaletteColumns = pal) -> np.ndarray:
+                return palette.colour_share_scores(pal, target, rows=rows)  # share of the image in that colour
 
             terms.append(_Term(f"color {hexcol}", float(w), raw_color))
         for st in query.stats:
@@ -378,11 +390,13 @@ class Searcher:
                 raise QueryError(f"Lightness {rt.lightness} for region {rt.region!r} must be between 0 and 1.")
             r = color.REGION_NAMES.index(rt.region)
             target_lab = color.srgb_to_lab(color.parse_hex_color(rt.color)) if rt.color is not None else None
+            # palette_columns() raises QueryError (how to upgrade) on an older colour version.
+            region_pal = cols.palette_columns() if target_lab is not None else None
 
-            def raw_region(rows: np.ndarray | None, r: int = r, lab: np.ndarray | None = target_lab, rt: RegionTarget = rt) -> np.ndarray:
-                if lab is not None:
-                    d2 = sum((pick(cols.regions[r, c], rows).astype(np.float32) - lab[c]) ** 2 for c in range(3))
-                    return -np.sqrt(d2)
+            def raw_region(rows: np.ndarray | None, r: int = r, lab: np.ndarray | None = target_lab, rt: RegionTarget = rt,
+                           pal: palette.PaletteColumns | None = region_pal) -> np.ndarray:
+                if lab is not None and pal is not None:  # share of the region's pixels in that colour
+                    return palette.colour_share_scores(pal, lab, region=r, rows=rows)
                 assert rt.lightness is not None
                 return -np.abs(pick(cols.regions[r, 0], rows).astype(np.float32) - 100.0 * rt.lightness)
 
