@@ -1,4 +1,4 @@
-"""Command line: ``python -m noisequery_core {import,search,info,verify,merge,index,demo}``.
+"""Command line: ``python -m noisequery_core {import,search,info,verify,merge,index,upgrade,demo}``.
 
 Bad input exits with status 2 and a one-line ``error: …`` message; ``--json`` prints
 machine-readable output on stdout (progress goes to stderr).
@@ -196,6 +196,15 @@ def cmd_index(args: argparse.Namespace) -> Any:
     return info.to_json() if args.json else f"index {info.kind} nlist={info.nlist} nprobe={info.nprobe} recall@10={info.recall_at_10:.3f}"
 
 
+def cmd_upgrade(args: argparse.Namespace) -> Any:
+    from .library.upgrade import upgrade_colour
+
+    rep = upgrade_colour(
+        args.library, args.images, progress=Progress("upgrade", not args.quiet), batch_size=args.batch_size, workers=args.workers
+    )
+    return rep.to_json() if args.json else rep.summary()
+
+
 def cmd_demo(args: argparse.Namespace) -> Any:
     from .demo import run_demo
 
@@ -277,6 +286,13 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument("--force", action="store_true", help="build even for a small library")
     p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("upgrade", help="recompute an older library's colour features for this version (resumable)")
+    common(p)
+    p.add_argument("--images", help="folder of the original <seed>.<ext> images (default: recompute from the thumbnails)")
+    p.add_argument("--batch-size", type=int, default=256, help="entries per commit")
+    p.add_argument("--workers", type=int, default=2, help="decoding threads")
+    p.set_defaults(func=cmd_upgrade)
 
     p = sub.add_parser("demo", help="run the whole pipeline on synthetic seed images (no downloads)")
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")

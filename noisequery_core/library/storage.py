@@ -172,8 +172,9 @@ class Library:
         """Re-read the manifest; returns True when new entries were committed since."""
         m = read_manifest(self.path)
         changed = m.count != self._manifest.count
+        columns_changed = m.columns != self._manifest.columns  # e.g. a colour upgrade swapped columns
         self._manifest = m
-        if changed:
+        if changed or columns_changed:
             self._cache.clear()
         return changed
 

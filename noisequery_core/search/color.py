@@ -194,7 +194,7 @@ def analyse_one(rgb_u8: np.ndarray) -> dict[str, np.ndarray]:
         ],
         dtype=np.float32,
     )
-    pal, shares = palette.extract(rgb_u8, _REGION_STACK)
+    pal = analyse_palette(rgb_u8)
     # Layout: CIELAB of an 8×8-per-cell box-filtered copy, averaged per cell (cheaper than
     # converting all ANALYSIS_SIZE² pixels, and within ~1 ΔE of it on natural images).
     small = x.reshape(GRID * 8, ANALYSIS_SIZE // (GRID * 8), GRID * 8, ANALYSIS_SIZE // (GRID * 8), 3).mean(axis=(1, 3))
@@ -203,11 +203,16 @@ def analyse_one(rgb_u8: np.ndarray) -> dict[str, np.ndarray]:
     regions = np.stack([cells[m].mean(axis=0) for m in REGION_MASKS.values()])
     return {
         "stats": stats,
-        "palette": pal,
-        "palette_shares": shares,
+        **pal,
         "layout": _lab_to_u8(cells),
         "regions": regions.astype(np.float16),
     }
+
+
+def analyse_palette(rgb_u8: np.ndarray) -> dict[str, np.ndarray]:
+    """The UPGRADED_COLUMNS of one prepared image: its palette and each named region's shares of it."""
+    pal, shares = palette.extract(rgb_u8, _REGION_STACK)
+    return {"palette": pal, "palette_shares": shares}
 
 
 def analyse(images: list[Image.Image | np.ndarray]) -> ColorFeatures:
