@@ -205,20 +205,22 @@ def features(crops: list[np.ndarray], *, via_thumbnail: bool = False) -> dict[st
     return {name: np.stack([r[name] for r in rows]) for name in rows[0]}
 
 
-def v2_scores(cols: dict[str, np.ndarray], region: str) -> np.ndarray:
+def v2_scores(cols: dict[str, np.ndarray], region: str, targets: dict[str, str] = TARGETS) -> np.ndarray:
+    """[crops, targets]: the colour term of colour version 2 (the library's palette.colour_share_scores)."""
     pal = palette.PaletteColumns.from_rows(cols["palette"], cols["palette_shares"])
     r = color.REGION_NAMES.index(region)
     return np.stack(
-        [palette.colour_share_scores(pal, color.srgb_to_lab(color.parse_hex_color(h)), region=r) for h in TARGETS.values()], axis=1
+        [palette.colour_share_scores(pal, color.srgb_to_lab(color.parse_hex_color(h)), region=r) for h in targets.values()], axis=1
     )
 
 
-def v1_scores(crops: list[np.ndarray], cols: dict[str, np.ndarray], region: str) -> np.ndarray:
+def v1_scores(crops: list[np.ndarray], cols: dict[str, np.ndarray], region: str, targets: dict[str, str] = TARGETS) -> np.ndarray:
+    """[crops, targets]: the colour (whole) or region colour term of colour version 1."""
     if region == "whole":
         hists = np.stack([v1_hist(color.prepare(c)) for c in crops])
-        return np.stack([v1_colour_scores(hists, h) for h in TARGETS.values()], axis=1)
+        return np.stack([v1_colour_scores(hists, h) for h in targets.values()], axis=1)
     r = color.REGION_NAMES.index(region)
-    return np.stack([v1_region_scores(cols["regions"], r, h) for h in TARGETS.values()], axis=1)
+    return np.stack([v1_region_scores(cols["regions"], r, h) for h in targets.values()], axis=1)
 
 
 def quality(scores: np.ndarray, truth: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
