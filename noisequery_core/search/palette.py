@@ -165,7 +165,7 @@ def colour_kernel(target_lab: np.ndarray) -> np.ndarray:
 class PaletteColumns:
     """Column-major copy of a library's palette columns, laid out for the scan."""
 
-    index: np.ndarray  # intp [PALETTE_SIZE, N]: code · WIDTH_LEVELS + width level (a lookup-table index)
+    index: np.ndarray  # int32 [PALETTE_SIZE, N]: code · WIDTH_LEVELS + width level (a lookup-table index)
     shares: np.ndarray  # uint8 [R, PALETTE_SIZE, N]
 
     @property
@@ -180,11 +180,11 @@ class PaletteColumns:
     def from_rows(cls, palette: np.ndarray, shares: np.ndarray, chunk: int = 1 << 18) -> PaletteColumns:
         """From row-major stored columns (memory maps are read in chunks)."""
         n = len(palette)
-        index = np.empty((PALETTE_SIZE, n), np.intp)
+        index = np.empty((PALETTE_SIZE, n), np.int32)  # as fast to gather with as intp, half the RAM
         out_shares = np.empty((shares.shape[1], PALETTE_SIZE, n), np.uint8)
         for s in range(0, n, chunk):
             p = np.asarray(palette[s : s + chunk])
-            index[:, s : s + len(p)] = (p[..., 0].astype(np.intp) * WIDTH_LEVELS + width_level(p[..., 1])).T
+            index[:, s : s + len(p)] = (p[..., 0].astype(np.int32) * WIDTH_LEVELS + width_level(p[..., 1])).T
             out_shares[:, :, s : s + len(p)] = np.asarray(shares[s : s + chunk]).transpose(1, 2, 0)
         return cls(index, out_shares)
 
