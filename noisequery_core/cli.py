@@ -259,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", help="what the image should show")
     p.add_argument("--negative", help="what it should not show")
     p.add_argument("--like-image", help="example image (CLIP and colour layout)")
-    p.add_argument("--color", action="append", help="dominant colour #RRGGBB[@weight]; repeatable")
+    p.add_argument("--color", action="append", help="colour #RRGGBB[@weight]: how much of the image is that colour; repeat for a mix (weights = proportions)")
     for st in color.STATS:
         p.add_argument(f"--{st.name.replace('_', '-')}", dest=st.name, help=f"{st.doc}; VALUE or LO:HI, [@weight]")
     p.add_argument("--region", action="append", help=f"REGION=#RRGGBB or REGION=LIGHTNESS[@weight]; regions: {', '.join(color.REGION_NAMES)}")

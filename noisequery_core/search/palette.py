@@ -18,6 +18,7 @@ CIEDE2000 once per code (a lookup table) and the scan is PALETTE_SIZE gathers pe
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -218,3 +219,31 @@ def colour_share_scores(
             acc += t
     out *= np.float32(1.0 / 255.0)
     return out
+
+
+def colour_mix_scores(
+    columns: PaletteColumns,
+    targets_lab: Sequence[np.ndarray],
+    proportions: Sequence[float],
+    *,
+    region: int = 0,
+    rows: np.ndarray | None = None,
+) -> np.ndarray:
+    """How well each image (region) holds a mix of colours, e.g. 2:1 for "mostly orange, some blue".
+
+    Σ over the targets of min(share of the target, its proportion), proportions scaled to sum
+    to 1 (a histogram intersection): 1 when every colour covers at least its part, and an image
+    of one colour only scores that colour's proportion. With one target it is its share.
+    Returns float32 [N or len(rows)] in 0..1.
+    """
+    p = np.asarray(proportions, np.float64)
+    if len(p) != len(targets_lab) or not len(p) or (p <= 0).any():
+        raise ValueError("colour_mix_scores needs one positive proportion per target colour")
+    p = p / p.sum()
+    out: np.ndarray | None = None
+    for target, share in zip(targets_lab, p):
+        part = np.minimum(colour_share_scores(columns, target, region=region, rows=rows), np.float32(share))
+        out = part if out is None else out + part
+    assert out is not None
+    return out
+

@@ -347,7 +347,20 @@ class Searcher:
         def pick(a: np.ndarray, rows: np.ndarray | None) -> np.ndarray:
             return a if rows is None else a[..., rows]
 
-        for hexcol, w in query.colors:
+        # Several colours, all with positive weights, are one mix ("mostly orange, some blue"): the
+        # weights are their proportions and their sum the term's weight. One colour is its share.
+        mix = len(query.colors) > 1 and all(float(w) > 0 for _, w in query.colors)
+        if mix:
+            targets = [color.srgb_to_lab(color.parse_hex_color(h)) for h, _ in query.colors]
+            weights = [float(w) for _, w in query.colors]
+            mix_pal = cols.palette_columns()  # raises QueryError (how to upgrade) on an older colour version
+
+            def raw_mix(rows: np.ndarray | None, pal: palette.PaletteColumns = mix_pal) -> np.ndarray:
+                return palette.colour_mix_scores(pal, targets, weights, rows=rows)
+
+            label = "colors " + " + ".join(f"{h} {w / sum(weights):.0%}" for (h, _), w in zip(query.colors, weights))
+            terms.append(_Term(label, sum(weights), raw_mix))
+        for hexcol, w in () if mix else query.colors:
             target = color.srgb_to_lab(color.parse_hex_color(hexcol))
             pal = cols.palette_columns()  # raises QueryError (how to upgrade) on an older colour version
 
