@@ -18,7 +18,9 @@ exactly as colour version 1 computed and scored it (64-bin RGB histogram with a 
 kernel; a region colour as the negative ΔE76 to the region's mean colour).
 
 Per target: quality ratio = mean oracle score of our top-k ÷ mean oracle score of the oracle's
-top-k (1.0 is the best possible), precision@k = overlap of the two top-k sets ÷ k.
+top-k (1.0 is the best possible), precision@k = overlap of the two top-k sets ÷ k. Two-colour
+mixes (2 : 1, "mostly orange, some blue") use the oracle Σ min(fraction of each colour, its
+proportion); v1 combined them as its Searcher did (weighted sum of z-scored colour terms).
 Targets: quality ratio mean ≥ 0.95 and every colour ≥ 0.85 (whole image), region queries ≥ 0.90.
 
     .venv/bin/python bench/bench_color_quality.py              # 560 crops, ~3 min the first time (oracle cached)
@@ -76,6 +78,9 @@ TARGETS: dict[str, str] = {
     "white": "#F5F5F5",
 }
 REGIONS = ("whole", "top", "bottom", "center", "left")
+# Two-colour mixes, 2 : 1 ("mostly orange, some blue"); oracle Σ min(fraction of colour c, its proportion).
+MIXES = (("orange", "blue"), ("brown", "sky blue"), ("dark green", "white"), ("mid-grey", "yellow"),
+         ("purple", "pastel pink"), ("teal", "beige"))
 THRESHOLD = 20.0  # the oracle's CIEDE2000 radius (the same as palette.THRESHOLD, on purpose)
 ORACLE_VERSION = 1  # bump when the crop or oracle recipe changes (invalidates the cache)
 
@@ -236,6 +241,22 @@ def quality(scores: np.ndarray, truth: np.ndarray, k: int) -> tuple[np.ndarray, 
     return ratio, prec
 
 
+def mixes(v1_whole: np.ndarray, pal: palette.PaletteColumns, truth: np.ndarray, k: int) -> dict[str, dict[str, float]]:
+    """Quality of 2 : 1 two-colour queries: v1 as its Searcher combined them (z-scores over the set, weights 2
+    and 1), v2 as palette.colour_mix_scores; the oracle is the same intersection on the true fractions."""
+    names = list(TARGETS)
+    z = (v1_whole - v1_whole.mean(axis=0)) / np.maximum(v1_whole.std(axis=0), 1e-12)
+    out = {}
+    for a, b in MIXES:
+        i, j = names.index(a), names.index(b)
+        oracle_mix = np.minimum(truth[:, i], 2 / 3) + np.minimum(truth[:, j], 1 / 3)
+        v2 = palette.colour_mix_scores(pal, [color.srgb_to_lab(color.parse_hex_color(TARGETS[n])) for n in (a, b)], [2.0, 1.0])
+        r1, p1 = quality((2 * z[:, i] + z[:, j])[:, None], oracle_mix[:, None], k)
+        r2, p2 = quality(v2[:, None], oracle_mix[:, None], k)
+        out[f"{a}+{b}"] = {"v1": float(r1[0]), "v2": float(r2[0]), "v1_p": float(p1[0]), "v2_p": float(p2[0])}
+    return out
+
+
 # ----------------------------------------------------------------------------- scan speed
 
 
@@ -355,8 +376,11 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict[str, Any] = {"params": {**params, "crops": len(crops), "top_k": k, "threshold": THRESHOLD}, "regions": {}}
     names = list(TARGETS)
+    v1_whole = None
     for region in REGIONS:
         variants = {"v1": v1_scores(crops, cols, region), "v2": v2_scores(cols, region)}
+        if region == "whole":
+            v1_whole = variants["v1"]
         if thumb_cols is not None:
             variants["v2_thumb"] = v2_scores(thumb_cols, region)
         per: dict[str, Any] = {}
@@ -384,6 +408,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n#### Whole image: {len(crops)} crops, top-{k}\n")
     print(table(rows, head))
 
+    assert v1_whole is not None
+    v2_pal = palette.PaletteColumns.from_rows(cols["palette"], cols["palette_shares"])
+    results["mixes"] = mixes(v1_whole, v2_pal, truth["whole"], k)
+
     regs = [r for r in REGIONS if r != "whole"]
     head = ["colour"] + [f"{r} v1 / v2" for r in regs]
     rows = [[n] + [f"{results['regions'][r]['v1']['quality'][n]:.3f} / {results['regions'][r]['v2']['quality'][n]:.3f}" for r in regs] for n in names]
@@ -392,6 +420,14 @@ def main(argv: list[str] | None = None) -> int:
     rows.append([f"**mean P@{k}**"] + [f"{results['regions'][r]['v1'][f'precision_at_{k}_mean']:.2f} / {results['regions'][r]['v2'][f'precision_at_{k}_mean']:.2f}" for r in regs])
     print(f"\n#### Region colour queries (quality ratio v1 / v2), top-{k}\n")
     print(table(rows, head))
+
+    mx = results["mixes"]
+    rows = [[f"{a} 2 : {b} 1", f"{mx[f'{a}+{b}']['v1']:.3f}", f"{mx[f'{a}+{b}']['v2']:.3f}", f"{mx[f'{a}+{b}']['v1_p']:.2f}",
+             f"{mx[f'{a}+{b}']['v2_p']:.2f}"] for a, b in MIXES]
+    rows.append(["**mean**", f"**{np.mean([mx[f'{a}+{b}']['v1'] for a, b in MIXES]):.3f}**",
+                 f"**{np.mean([mx[f'{a}+{b}']['v2'] for a, b in MIXES]):.3f}**", "", ""])
+    print(f"\n#### Colour mixes (v1: weighted sum of z-scored colour terms; v2: one mix term), top-{k}\n")
+    print(table(rows, ["mix", "v1 quality", "v2 quality", f"v1 P@{k}", f"v2 P@{k}"]))
 
     checks = {
         "whole mean >= 0.95": w["v2"]["quality_mean"] >= 0.95,
