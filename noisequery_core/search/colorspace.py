@@ -10,6 +10,7 @@ _RGB_TO_XYZ = np.array(
     [[0.4124564, 0.3575761, 0.1804375], [0.2126729, 0.7151522, 0.0721750], [0.0193339, 0.1191920, 0.9503041]],
     dtype=np.float32,
 )
+_XYZ_TO_RGB = np.linalg.inv(_RGB_TO_XYZ.astype(np.float64))
 _WHITE = np.array([0.95047, 1.0, 1.08883], dtype=np.float32)
 _EPS = 216 / 24389
 _KAPPA = 24389 / 27
@@ -33,7 +34,7 @@ def lab_to_srgb(lab: np.ndarray) -> np.ndarray:
     fy = (lab[..., 0] + 16) / 116
     f = np.stack([fy + lab[..., 1] / 500, fy, fy - lab[..., 2] / 200], axis=-1)
     xyz = np.where(f**3 > _EPS, f**3, (116 * f - 16) / _KAPPA) * _WHITE.astype(np.float64)
-    lin = np.clip(xyz @ np.linalg.inv(_RGB_TO_XYZ.astype(np.float64)).T, 0.0, 1.0)
+    lin = np.clip(xyz @ _XYZ_TO_RGB.T, 0.0, 1.0)
     rgb = np.where(lin <= 0.0031308, 12.92 * lin, 1.055 * lin ** (1 / 2.4) - 0.055)
     return np.clip(rgb, 0.0, 1.0).astype(np.float32)
 

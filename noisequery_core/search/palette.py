@@ -62,28 +62,37 @@ def _kmeans(points: np.ndarray, weights: np.ndarray, k: int) -> tuple[np.ndarray
 
     Returns (centres [≤k, 3], label per point). Fewer than k centres when the points run out.
     """
+    # Channels as separate columns: squared distances as three broadcast terms, no reduction over a
+    # length-3 axis (slow in numpy) and no BLAS (whose rounding may differ between machines).
+    x = [np.ascontiguousarray(points[:, ch]) for ch in range(3)]
+
+    def sq_dist(c: np.ndarray) -> np.ndarray:  # [P, len(c)]
+        d = (x[0][:, None] - c[None, :, 0]) ** 2
+        d += (x[1][:, None] - c[None, :, 1]) ** 2
+        d += (x[2][:, None] - c[None, :, 2]) ** 2
+        return d
+
     first = int(np.argmax(weights))
     centres = [points[first]]
-    d2 = ((points - points[first]) ** 2).sum(axis=1)
+    d2 = sq_dist(points[first][None])[:, 0]
     for _ in range(1, k):
         # The heaviest point far from every centre so far (k-means++ without the dice).
         i = int(np.argmax(weights * d2))
         if d2[i] <= 0:
             break
         centres.append(points[i])
-        d2 = np.minimum(d2, ((points - points[i]) ** 2).sum(axis=1))
+        d2 = np.minimum(d2, sq_dist(points[i][None])[:, 0])
     c = np.stack(centres).astype(np.float64)
     labels = np.zeros(len(points), np.int64)
     for it in range(KMEANS_ITERS):
-        dist = ((points[:, None, :] - c[None, :, :]) ** 2).sum(axis=2)
-        new = dist.argmin(axis=1)
+        new = sq_dist(c).argmin(axis=1)
         if it and np.array_equal(new, labels):
             break
         labels = new
         mass = np.bincount(labels, weights=weights, minlength=len(c))
         keep = mass > 0  # an emptied centre stays where it was (it then holds no share)
         for ch in range(3):
-            s = np.bincount(labels, weights=weights * points[:, ch], minlength=len(c))
+            s = np.bincount(labels, weights=weights * x[ch], minlength=len(c))
             c[keep, ch] = s[keep] / mass[keep]
     return c, labels
 
