@@ -283,12 +283,10 @@ def scan_speed(cols: dict[str, np.ndarray], hists: np.ndarray, n: int, reps: int
 
     for h in hexes:  # the lookup tables are cached per colour, as in a running Searcher
         palette.colour_kernel(lab(h))
-    res: dict[str, Any] = {
-        "rows": n,
-        "v2_whole": timed(lambda h: palette.colour_share_scores(pal, lab(h))),
-        "v2_region_top": timed(lambda h: palette.colour_share_scores(pal, lab(h), region=top)),
-        "v2_ram_bytes_per_row": pal.nbytes / n,
-    }
+    res: dict[str, Any] = {"rows": n, "v2_whole": timed(lambda h: palette.colour_share_scores(pal, lab(h)))}
+    res["v2_ram_bytes_per_row"] = pal.nbytes / n  # whole-image queries only
+    res["v2_region_top"] = timed(lambda h: palette.colour_share_scores(pal, lab(h), region=top))
+    res["v2_ram_bytes_per_row_per_region"] = pal.nbytes / n - res["v2_ram_bytes_per_row"]
     t0, c0 = time.perf_counter(), time.process_time()
     palette._kernel_cached.cache_clear()
     for h in hexes:
@@ -330,7 +328,7 @@ def print_speed(sp: dict[str, Any]) -> None:
     print(table([
         row("v1 histogram, whole image", "v1_whole", f"{sp['v1_ram_bytes_per_row']:.0f}"),
         row("v2 palette, whole image", "v2_whole", f"{sp['v2_ram_bytes_per_row']:.0f}"),
-        row("v2 palette, region 'top'", "v2_region_top", ""),
+        row("v2 palette, region 'top'", "v2_region_top", f"+{sp['v2_ram_bytes_per_row_per_region']:.0f} per region"),
     ], ["scan", "wall ms p50 / p95", "CPU ms p50", "RAM B/row"]))
     print(f"\nv2 lookup table per new colour: {sp['v2_lookup_table_ms']:.1f} ms wall, {sp['v2_lookup_table_cpu_ms']:.1f} ms CPU "
           "(cached per colour)")

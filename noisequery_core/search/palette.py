@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -171,12 +170,20 @@ def colour_kernel(target_lab: np.ndarray) -> np.ndarray:
     return _kernel_cached((float(t[0]), float(t[1]), float(t[2])))
 
 
-@dataclass(frozen=True)
 class PaletteColumns:
-    """Column-major copy of a library's palette columns, laid out for the scan."""
+    """Column-major copy of a library's palette columns, laid out for the scan.
 
-    index: np.ndarray  # int32 [PALETTE_SIZE, N]: code · WIDTH_LEVELS + width level (a lookup-table index)
-    shares: np.ndarray  # uint8 [R, PALETTE_SIZE, N]
+    The lookup-table index of every palette colour is built at once (32 B per entry); a region's
+    shares are transposed on its first use (8 B per entry and region), so a library queried only
+    by whole-image colour holds 40 B per entry in RAM.
+    """
+
+    _CHUNK = 1 << 18  # rows per step when reading the (memory-mapped) row-major columns
+
+    def __init__(self, index: np.ndarray, shares_rows: np.ndarray):
+        self.index = index  # int32 [PALETTE_SIZE, N]: code · WIDTH_LEVELS + width level (a lookup-table index)
+        self._shares_rows = shares_rows  # uint8 [N, R, PALETTE_SIZE], row-major as stored
+        self._shares: dict[int, np.ndarray] = {}
 
     @property
     def count(self) -> int:
@@ -184,19 +191,29 @@ class PaletteColumns:
 
     @property
     def nbytes(self) -> int:
-        return int(self.index.nbytes + self.shares.nbytes)
+        """RAM held: the index and the regions transposed so far."""
+        return int(self.index.nbytes + sum(a.nbytes for a in self._shares.values()))
 
     @classmethod
-    def from_rows(cls, palette: np.ndarray, shares: np.ndarray, chunk: int = 1 << 18) -> PaletteColumns:
-        """From row-major stored columns (memory maps are read in chunks)."""
+    def from_rows(cls, palette: np.ndarray, shares: np.ndarray) -> PaletteColumns:
+        """From the stored row-major columns (memory maps are read in chunks; ``shares`` is kept as given)."""
         n = len(palette)
         index = np.empty((PALETTE_SIZE, n), np.int32)  # as fast to gather with as intp, half the RAM
-        out_shares = np.empty((shares.shape[1], PALETTE_SIZE, n), np.uint8)
-        for s in range(0, n, chunk):
-            p = np.asarray(palette[s : s + chunk])
+        for s in range(0, n, cls._CHUNK):
+            p = np.asarray(palette[s : s + cls._CHUNK])
             index[:, s : s + len(p)] = (p[..., 0].astype(np.int32) * WIDTH_LEVELS + width_level(p[..., 1])).T
-            out_shares[:, :, s : s + len(p)] = np.asarray(shares[s : s + chunk]).transpose(1, 2, 0)
-        return cls(index, out_shares)
+        return cls(index, shares)
+
+    def shares(self, region: int) -> np.ndarray:
+        """uint8 [PALETTE_SIZE, N]: share × 255 of each palette colour in the region."""
+        got = self._shares.get(region)
+        if got is None:
+            n = self.count
+            got = np.empty((PALETTE_SIZE, n), np.uint8)
+            for s in range(0, n, self._CHUNK):
+                got[:, s : s + self._CHUNK] = np.asarray(self._shares_rows[s : s + self._CHUNK, region]).T
+            self._shares[region] = got
+        return got
 
 
 def colour_share_scores(
@@ -214,7 +231,7 @@ def colour_share_scores(
     """
     lut = colour_kernel(target_lab)
     index = columns.index if rows is None else columns.index[:, rows]
-    shares = columns.shares[region] if rows is None else columns.shares[region][:, rows]
+    shares = columns.shares(region) if rows is None else columns.shares(region)[:, rows]
     n = index.shape[1]
     out = np.zeros(n, np.float32)
     tmp = np.empty(min(n, _SCAN_CHUNK), np.float32)
