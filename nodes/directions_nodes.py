@@ -1,7 +1,7 @@
 """NoiseCLR nodes: train interpretable directions from unlabeled images, and apply several at once.
 
 Thin V3 glue: the ComfyUI-facing work is in nodes/directions_runtime.py, the algorithm in
-noisequery_core/noiseclr.py.
+noisequery_core/directions/noiseclr.py.
 """
 
 from __future__ import annotations
@@ -10,11 +10,9 @@ import logging
 from typing import Any
 
 import comfy.samplers
-import comfy.utils
 import folder_paths
 import torch
 from comfy_api.latest import io
-from server import PromptServer
 
 from ..noisequery_core.directions.noiseclr import (
     TrainSettings,
@@ -125,20 +123,11 @@ class NoiseCLRTrainDirections(io.ComfyNode):
         arrays, source = gather_images(image_folder, images, resolution)
         uid = cls.hidden.unique_id if cls.hidden else None
         dyn = cls.hidden.dynprompt if cls.hidden else None
-        bar = comfy.utils.ProgressBar(max(iterations, 1), node_id=uid)
-        every = max(1, iterations // 50)
-
-        def progress(done: int, total: int, loss: float) -> None:
-            bar.update_absolute(done, max(total, 1))
-            if uid is not None and (done % every == 0 or done == total):
-                server = getattr(PromptServer, "instance", None)
-                if server is not None:
-                    server.send_progress_text(f"iteration {done}/{total}  loss {loss:.4f}", uid)
-
+        work = _host.NodeWork(uid, iterations)
         fname = out.relative_to(folder_paths.get_folder_paths(FOLDER)[0]).as_posix()
         d, report = run_training(model, clip, vae, arrays, source, settings, out, label=fname,
                                  model_name=_host.upstream_model_name(dyn, uid), names=names, resume=resume,
-                                 progress=progress, check_cancel=_host.raise_if_interrupted)
+                                 progress=work.progress, check_cancel=work.check_cancel)
         return io.NodeOutput(fname, loss_plot(d.loss_history), report, ui={"text": [report]})
 
 

@@ -1,7 +1,7 @@
 """NoiseCLR glue that touches ComfyUI's objects: folders and images, the model as a differentiable eps(x, sigma,
 context), the training run, and the sampling patch that applies directions (MODEL and GUIDER).
 
-The algorithm (loss, training loop, checkpoint/resume, file format) lives in noisequery_core/noiseclr.py; the
+The algorithm (loss, training loop, checkpoint/resume, file format) lives in noisequery_core/directions/noiseclr.py; the
 node classes are in nodes/directions_nodes.py.
 """
 
@@ -36,6 +36,7 @@ from ..noisequery_core.directions.noiseclr import (
     train_directions,
 )
 from ..noisequery_core.errors import NoiseCLRError
+from ..noisequery_core.work import CheckCancel, Progress, never_cancel, no_progress
 from . import _host
 
 log = logging.getLogger("noisequery")
@@ -245,9 +246,13 @@ def loss_plot(losses: Sequence[float], width: int = 512, height: int = 256) -> t
 
 def run_training(model: Any, clip: Any, vae: Any, arrays: Sequence[np.ndarray], source: str, settings: TrainSettings,
                  out_path: Path, *, label: str = "", model_name: str = "", names: str = "", resume: bool = True,
-                 progress: Callable[[int, int, float], None] | None = None,
-                 check_cancel: Callable[[], None] | None = None) -> tuple[Directions, str]:
-    """Everything the train node and scripts/noiseclr_train.py do: encode, train, save. Returns (directions, report)."""
+                 progress: Progress = no_progress,
+                 check_cancel: CheckCancel = never_cancel) -> tuple[Directions, str]:
+    """Everything the train node and scripts/noiseclr_train.py do: encode, train, save. Returns (directions, report).
+
+    ``progress`` and ``check_cancel`` follow the core's long-work contract (noisequery_core.work): the node
+    passes a ``_host.NodeWork``'s; a stop raises out of here after the checkpoint is written.
+    """
     check_supported(model)
     base_model = model_identity(model, model_name)
     data = {"images": len(arrays), "fingerprint": data_fingerprint(arrays), "resolution": int(arrays[0].shape[0]),

@@ -110,6 +110,7 @@ class NoiseQueryRank(io.ComfyNode):
                 io.Image.Output(display_name="ranked", tooltip="The whole batch, best first."),
                 io.String.Output(display_name="report", tooltip="Every image's rank, combined score and raw metrics."),
             ],
+            hidden=[io.Hidden.unique_id],  # the progress bar's node
         )
 
     @classmethod
@@ -137,7 +138,8 @@ class NoiseQueryRank(io.ComfyNode):
         else:
             embedder = _host.embedder_for(ClipSpec.parse(clip_model))
         if embs is None:
-            embs = embed_images(embedder, to_pil(images), check_cancel=_host.raise_if_interrupted)
+            work = _host.NodeWork(cls.hidden.unique_id if cls.hidden else None, n)
+            embs = embed_images(embedder, to_pil(images), progress=work.progress, check_cancel=work.check_cancel)
         metrics, weights = {}, {}
         if use_clip:
             metrics["clip"] = clip_scores(embs, embedder.encode_text([text])[0])

@@ -117,8 +117,8 @@ class NoiseQueryVariations(io.ComfyNode):
             History.parse(history, start)
         except HistoryError as exc:
             return str(exc)
-        except (ValueError, TypeError):
-            pass  # parse() gives the precise message at run time
+        except (ValueError, TypeError) as exc:  # not JSON, or a start_seed that is not a number
+            return f"history is not a readable exploration history ({exc}); clear the history widget to start a new walk."
         return True
 
     @classmethod

@@ -26,7 +26,7 @@ fi
 echo "[lint] ruff" >&2
 "$PY" -m ruff check .
 echo "[types] mypy noisequery_core" >&2
-"$PY" -m mypy noisequery_core
+"$PY" scripts/typecheck.py
 echo "[tests] pytest tests" >&2
 set +e
 "$PY" -m pytest tests "$@"

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import LibraryError, NoiseQueryError
+from ..work import Progress, no_progress
 from .manifest import read_manifest
 from .storage import THUMBS_DIR, Library, check_compatible
 
@@ -104,12 +105,14 @@ def merge(
     sources: Sequence[str | os.PathLike[str]],
     dest: str | os.PathLike[str],
     *,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress = no_progress,
 ) -> MergeReport:
     """Append every entry of ``sources`` into ``dest`` (created if missing).
 
     All libraries must share generation key and feature set (IncompatibleLibraryError
     otherwise). Seeds already in ``dest`` are skipped and counted as overlapping.
+    ``progress`` (noisequery_core.work) counts source entries handled; each chunk is one commit,
+    so an interrupted merge keeps what it committed and a re-run continues.
     """
     if not sources:
         raise NoiseQueryError("merge needs at least one source library.")
@@ -130,6 +133,7 @@ def merge(
     total = sum(lib.count for lib in libs)
     done = 0
     names = [c.name for c in out.manifest.columns if c.name != "seeds"]
+    progress(0, total)
     with out.writer() as w:
         for lib in libs:
             for start in range(0, lib.count, _CHUNK):
@@ -144,8 +148,7 @@ def merge(
                 rep.added += added
                 rep.overlapping += len(seeds) - added
                 done += stop - start
-                if progress:
-                    progress(done, total)
+                progress(done, total, f"merging {lib.path.name}")
         from ..search.index import maintain_index
 
         maintain_index(out)

@@ -21,9 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import MissingDependencyError
+from ..errors import MissingDependencyError, QueryError
 from ..library.manifest import atomic_write_bytes
 from ..library.storage import Library
+from ..work import Progress, no_progress
 
 log = logging.getLogger("noisequery")
 
@@ -90,7 +91,10 @@ class ClipSearcher:
 
     def __init__(self, library: Library, *, exact_max: int = EXACT_MAX):
         if not library.has_clip:
-            raise ValueError("library has no CLIP column")
+            raise QueryError(
+                f"Library {library.path} has no CLIP features (built with CLIP model 'none'), so it cannot be searched "
+                "by text or example image. Use colour queries, or rebuild/import it with a CLIP model."
+            )
         self.library = library
         self.exact_max = exact_max
         self._count = -1
@@ -172,8 +176,11 @@ def _choose_params(n: int, dim: int) -> tuple[int, int]:
     return nlist, max(1, m)
 
 
-def build_index(library: Library, *, progress: Any = None) -> tuple[Any, IndexInfo]:
-    """Train an IVF-PQ index on the library's embeddings, add all rows and tune nprobe."""
+def build_index(library: Library, *, progress: Progress = no_progress) -> tuple[Any, IndexInfo]:
+    """Train an IVF-PQ index on the library's embeddings, add all rows and tune nprobe.
+
+    ``progress`` (noisequery_core.work) counts rows added to the index, after training on a sample.
+    """
     faiss = _faiss()
     emb = library.column("clip")
     n, dim = emb.shape
@@ -186,6 +193,7 @@ def build_index(library: Library, *, progress: Any = None) -> tuple[Any, IndexIn
     index = faiss.IndexIVFPQ(quantizer, dim, nlist, m, 8, faiss.METRIC_INNER_PRODUCT)
     index.cp.niter = 10
     log.info("training IVF%d,PQ%d on %d of %d vectors", nlist, m, ntrain, n)
+    progress(0, n, f"training the index on {ntrain} vectors")
     index.train(xt)
     _add_rows(index, emb, 0, n, progress)
     nprobe, recall = _tune_nprobe(index, emb, rng)
@@ -193,12 +201,11 @@ def build_index(library: Library, *, progress: Any = None) -> tuple[Any, IndexIn
     return index, info
 
 
-def _add_rows(index: Any, emb: np.ndarray, start: int, stop: int, progress: Any = None) -> None:
+def _add_rows(index: Any, emb: np.ndarray, start: int, stop: int, progress: Progress = no_progress) -> None:
     for s in range(start, stop, _CHUNK):
         e = min(stop, s + _CHUNK)
         index.add_with_ids(_f32(emb[s:e]), np.arange(s, e, dtype=np.int64))
-        if progress:
-            progress(e - start, stop - start)
+        progress(e - start, stop - start, "adding rows to the index")
 
 
 def _tune_nprobe(index: Any, emb: np.ndarray, rng: np.random.Generator, nq: int = 100) -> tuple[int, float]:
@@ -260,12 +267,13 @@ def save_index(library: Library, index: Any, info: IndexInfo) -> None:
     atomic_write_bytes(finfo, json.dumps(info.to_json(), indent=2).encode())
 
 
-def ensure_index(library: Library, *, persist: bool, progress: Any = None) -> tuple[Any, IndexInfo]:
+def ensure_index(library: Library, *, persist: bool, progress: Progress = no_progress) -> tuple[Any, IndexInfo]:
     """The library's IVF-PQ index, brought up to date with its committed rows.
 
     Rows appended since the index was saved are added; an index trained on far fewer rows
     than the library now holds (< 1/4) is rebuilt. With ``persist`` the result is saved
     atomically (writers do this after committing; readers catch up in memory only).
+    ``progress`` (noisequery_core.work) counts rows added, when there are any.
     """
     got = load_index(library)
     n = library.count
@@ -283,7 +291,7 @@ def ensure_index(library: Library, *, persist: bool, progress: Any = None) -> tu
     return index, info
 
 
-def maintain_index(library: Library, *, exact_max: int = EXACT_MAX, progress: Any = None) -> IndexInfo | None:
+def maintain_index(library: Library, *, exact_max: int = EXACT_MAX, progress: Progress = no_progress) -> IndexInfo | None:
     """Bring the persisted index in step with the committed rows (call with the writer lock held)."""
     if not library.has_clip or library.count <= exact_max:
         return None

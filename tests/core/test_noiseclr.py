@@ -108,13 +108,14 @@ SETTINGS = TrainSettings(num_directions=4, directions_per_iteration=3, iteration
 
 
 def test_training_decreases_loss_and_reports_progress() -> None:
-    seen: list[tuple[int, int, float]] = []
+    seen: list[tuple[int, int, str]] = []
     fake = FakeDenoiser()
-    d = train_directions(_domain(), _empty(), fake, SIGMAS, SETTINGS, progress=lambda a, b, loss: seen.append((a, b, loss)))
+    d = train_directions(_domain(), _empty(), fake, SIGMAS, SETTINGS, progress=lambda a, b, m="": seen.append((a, b, m)))
     assert d.directions.shape == (4, 4, D) and d.iterations_done == 60 and len(d.loss_history) == 60
     first, last = sum(d.loss_history[:10]) / 10, sum(d.loss_history[-10:]) / 10
     assert last < first - 0.1, loss_summary(d.loss_history)
     assert seen[-1][:2] == (60, 60) and len(seen) == 61
+    assert seen[0] == (0, 60, "") and seen[-1][2] == f"loss {d.loss_history[-1]:.4f}"  # the loss is the message
     # one no-grad call for ∅ and one batched call for all sampled directions per iteration
     assert fake.calls == 2 * 60 and fake.rows == 60 * (3 + 3 * 3)
     # the directions started from the empty prompt's first tokens
@@ -160,6 +161,25 @@ def test_resume_equals_uninterrupted(tmp_path: Path) -> None:
     with pytest.raises(NoiseCLRError, match="other images"):
         train_directions(_domain(), _empty(), FakeDenoiser(), SIGMAS, more, checkpoint_path=ckpt,
                          data={"fingerprint": "zzz"})
+
+
+def test_a_progress_that_raises_checkpoints_the_finished_iterations(tmp_path: Path) -> None:
+    """ComfyUI's progress hook raises its interrupt: the iteration just finished is checkpointed all the same."""
+    ckpt = tmp_path / "run.checkpoint.safetensors"
+
+    class Stop(Exception):
+        pass
+
+    def progress(done: int, total: int, message: str = "") -> None:
+        if done == 13:  # not on a checkpoint boundary (checkpoint_every is 10)
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_directions(_domain(), _empty(), FakeDenoiser(), SIGMAS, SETTINGS, checkpoint_path=ckpt, progress=progress)
+    saved = load_directions(ckpt)
+    first_13 = train_directions(_domain(), _empty(), FakeDenoiser(), SIGMAS, dataclasses.replace(SETTINGS, iterations=13))
+    assert saved.iterations_done == 13 and saved.loss_history == first_13.loss_history
+    assert torch.equal(saved.directions, first_13.directions)
 
 
 def test_settings_are_checked() -> None:

@@ -4,7 +4,7 @@ executor (InProcessRunner), with its caching, hidden inputs and interrupt handli
 Covered: the pack's node ids; the query nodes' seed / NOISE / LATENT / IMAGE outputs (NOISE equals KSampler's
 batch-1 noise per item, and SamplerCustomAdvanced with it reproduces KSampler per item); text, colour and combined
 queries; exclude_seeds; re-running after the library grows (fingerprint_inputs); the model-mismatch warning;
-interrupting a build and resuming it.
+interrupting a build and resuming it; the ComfyUI adapter of the core's progress/cancel contract.
 """
 from __future__ import annotations
 
@@ -386,6 +386,39 @@ def interrupt_after_first_batch(comfy_nodes: ModuleType, monkeypatch: pytest.Mon
     monkeypatch.setattr(library_nodes, "SeedRenderer", InterruptingRenderer)
     yield rendered
     comfy.model_management.interrupt_current_processing(False)
+
+
+def test_node_work_drives_the_progress_bar_text_and_interrupt(comfy_nodes: ModuleType,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """nodes/_host.NodeWork, the one ComfyUI adapter of the core's progress/check_cancel contract."""
+    import comfy.model_management
+    import comfy.utils
+    import server
+
+    host = G.pack_module(comfy_nodes, "nodes._host")
+    bar: list[tuple[Any, ...]] = []
+    texts: list[tuple[str, str]] = []
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK",
+                        lambda value, total, preview, node_id=None, **_: bar.append((value, total, preview, node_id)))
+    monkeypatch.setattr(server.PromptServer.instance, "send_progress_text",
+                        lambda text, node_id, sid=None: texts.append((text, node_id)))
+    work = host.NodeWork("7", 100)
+    work.preview = ("JPEG", "an image", 512)
+    for i in range(101):
+        work.progress(i, 100, f"loss {i}")
+    assert bar[-1] == (100, 100, ("JPEG", "an image", 512), "7") and len(bar) == 101
+    # the text is throttled to ~50 messages per run (each is a websocket message) and always ends on the last
+    assert len(texts) == 51 and texts[-1] == ("loss 100", "7")
+    work.progress(5, 10)  # no message: no text
+    assert len(texts) == 51
+
+    work.check_cancel()  # not interrupted: returns
+    comfy.model_management.interrupt_current_processing(True)
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            work.check_cancel()
+    finally:
+        comfy.model_management.interrupt_current_processing(False)
 
 
 def test_interrupted_build_keeps_whole_batches_and_resumes(
