@@ -22,6 +22,7 @@ from ..noisequery_core.directions.noiseclr import (
 )
 from ..noisequery_core.errors import NoiseCLRError
 from . import _host
+from ._glue import SEED_MAX
 from .directions_runtime import (
     FOLDER,
     MAX_INDEX,
@@ -71,7 +72,7 @@ class NoiseCLRTrainDirections(io.ComfyNode):
                 io.Float.Input("temperature", default=0.5, min=0.01, max=10.0, step=0.01, tooltip="Contrastive temperature τ: lower sharpens the push between directions."),
                 io.Int.Input("t_min", default=100, min=0, max=999, tooltip="Smallest training timestep (of 1000): low values teach fine detail."),
                 io.Int.Input("t_max", default=900, min=0, max=999, tooltip="Largest training timestep: high values teach layout and global attributes."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False, tooltip="Seed of the whole run (initialisation and every iteration's images, timesteps and noise)."),
+                io.Int.Input("seed", default=0, min=0, max=SEED_MAX, control_after_generate=False, tooltip="Seed of the whole run (initialisation and every iteration's images, timesteps and noise)."),
                 io.Int.Input("token_count", default=77, min=1, max=77, tooltip="Tokens per direction, taken from the start of the empty prompt's 77. 77 batches best with prompts when applied."),
                 io.Int.Input("checkpoint_every", default=50, min=1, max=100_000, tooltip="Write a resumable checkpoint every this many iterations (and when interrupted)."),
                 io.Boolean.Input("resume", default=True, tooltip="Continue from this name's checkpoint when its settings, model and images match; off starts over."),

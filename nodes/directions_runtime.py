@@ -38,6 +38,7 @@ from ..noisequery_core.directions.noiseclr import (
 from ..noisequery_core.errors import NoiseCLRError
 from ..noisequery_core.work import CheckCancel, Progress, never_cancel, no_progress
 from . import _host
+from ._glue import to_image, to_uint8
 
 log = logging.getLogger("noisequery")
 
@@ -125,7 +126,7 @@ def gather_images(folder: str, images: torch.Tensor | None, resolution: int) -> 
                 arrays.append(_square(im, resolution))
         sources.append(f"{len(files)} images from input/{folder.strip()}")
     if images is not None:
-        arr = (images[..., :3].detach().cpu().float().clamp(0, 1).numpy() * 255 + 0.5).astype(np.uint8)
+        arr = to_uint8(images)
         for a in arr:
             arrays.append(_square(Image.fromarray(a), resolution))
         sources.append(f"{len(arr)} images from the IMAGE input")
@@ -241,7 +242,7 @@ def loss_plot(losses: Sequence[float], width: int = 512, height: int = 256) -> t
         draw.text((8, 4), f"loss {arr[0]:.3f} -> {arr[-1]:.3f} (max {hi:.3f}, min {lo:.3f})", fill=(230, 230, 230))
     else:
         draw.text((8, 4), "fewer than 2 iterations", fill=(230, 230, 230))
-    return torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).unsqueeze(0)
+    return to_image([im])
 
 
 def run_training(model: Any, clip: Any, vae: Any, arrays: Sequence[np.ndarray], source: str, settings: TrainSettings,

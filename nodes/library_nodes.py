@@ -21,8 +21,8 @@ from ..noisequery_core import (
 )
 from ..noisequery_core.library.build import build_seeds
 from ..noisequery_core.library.paths import check_library_name, resolve_library
-from ..noisequery_core.library.storage import SEED_MAX
 from . import _host
+from ._glue import SEED_MAX, load_thumbnails
 from .sampling import SeedRenderer
 
 log = logging.getLogger("noisequery")
@@ -193,8 +193,6 @@ class NoiseQueryLibraryInfo(io.ComfyNode):
 
     @classmethod
     def execute(cls, library: str, preview_count: int) -> io.NodeOutput:
-        from .search_nodes import load_thumbnails
-
         lib = _host.open_library(library)
         info = lib.info()
         text = (

@@ -121,18 +121,32 @@ def test_library_folders_are_the_sessions(comfy_nodes: ModuleType, nq_libraries_
 # --------------------------------------------------------------------------------------------- outputs
 
 
+def _colour_ranking(library_dir: Path, hex_colour: str) -> list[int]:
+    """The library's seeds by brute force, best first, for a dominant-colour-only query: a single term ranks by
+    its raw value, the stored histogram's mass near the colour (noisequery_core.search.color.color_kernel)."""
+    from noisequery_core import Library
+    from noisequery_core.search import color
+
+    lib = Library.open(library_dir)
+    mass = np.asarray(lib.column("hist"), np.float64) @ color.color_kernel(color.parse_hex_color(hex_colour))
+    order = sorted(range(lib.count), key=lambda r: -mass[r])
+    assert all(mass[a] - mass[b] > 1e-6 for a, b in zip(order, order[1:4])), "near-ties: the order would be luck"
+    return [int(lib.seeds[r]) for r in order]
+
+
 def test_query_outputs_seed_noise_latent_thumbnails(comfy_nodes: ModuleType, comfy_runner: InProcessRunner,
-                                                    tiny_ckpt_name: str, color_library: str) -> None:
+                                                    tiny_ckpt_name: str, color_library: str,
+                                                    nq_libraries_dir: Path) -> None:
     import comfy.sample
     import torch
 
     _, outs = _query(comfy_runner, tiny_ckpt_name, G.color_query(color_library, top_k=3, rank_offset=1))
     seed, noise, latent, thumbs, report, query = outs
-    ranked = G.report_seeds(report)
-    assert len(ranked) == 4, report  # top_k + rank_offset hits are ranked
-    assert seed == ranked[1], "seed must be the hit at rank_offset"
-    assert list(noise.seeds) == ranked[1:4]
-    assert noise.seed == ranked[1]
+    expected = _colour_ranking(nq_libraries_dir / color_library, "#FF8800")
+    assert G.report_seeds(report) == expected[:4], report  # top_k + rank_offset hits are ranked
+    assert seed == expected[1], "seed must be the hit at rank_offset"
+    assert list(noise.seeds) == expected[1:4]
+    assert noise.seed == expected[1]
     assert tuple(latent["samples"].shape) == (3, 4, 8, 12), "batch top_k, the library's latent size (h 64, w 96)"
     assert thumbs.shape[0] == 3 and thumbs.shape[-1] == 3
     assert float(thumbs.min()) >= 0.0 and float(thumbs.max()) <= 1.0
