@@ -42,7 +42,8 @@ class NoiseQueryNoise:
 
 
 def load_thumbnails(lib: Library, seeds: list[int]) -> torch.Tensor:
-    """Hits' thumbnails as an IMAGE batch (one size; black where a thumbnail is missing)."""
+    """Hits' thumbnails as an IMAGE batch (one size; black where a thumbnail is missing, a link,
+    unreadable or oversized: Library.load_thumbnail never follows links and logs why it skipped one)."""
     size = lib.features.thumbnail_size or 64
     shape = lib.generation.latent_shape
     if shape:
@@ -53,12 +54,11 @@ def load_thumbnails(lib: Library, seeds: list[int]) -> torch.Tensor:
         tw = th = size
     out = []
     for s in seeds:
-        p = lib.thumbnail_path(s)
-        if p is None:
+        im = lib.load_thumbnail(s)
+        if im is None:
             out.append(np.zeros((th, tw, 3), np.float32))
             continue
-        with Image.open(p) as im:
-            out.append(np.asarray(im.convert("RGB").resize((tw, th), Image.Resampling.BICUBIC), np.float32) / 255.0)
+        out.append(np.asarray(im.resize((tw, th), Image.Resampling.BICUBIC), np.float32) / 255.0)
     if not out:
         return torch.zeros((1, th, tw, 3))
     return torch.from_numpy(np.stack(out))
