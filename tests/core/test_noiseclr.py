@@ -192,7 +192,7 @@ def test_file_round_trip(tmp_path: Path) -> None:
     assert parse_names("a, , c") == {0: "a", 2: "c"}
     with pytest.raises(NoiseCLRError, match="index=name"):
         parse_names("0=a, b")
-    assert checkpoint_path_for(path).name == "x.checkpoint.safetensors"
+    assert checkpoint_path_for(path).name == "x.safetensors.checkpoint"
 
 
 def test_bad_files_say_what_is_wrong(tmp_path: Path) -> None:
