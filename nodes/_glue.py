@@ -133,7 +133,8 @@ def data_url(image: torch.Tensor, max_side: int = 512, quality: int = 85) -> str
 
 
 def load_thumbnails(lib: Library, seeds: Sequence[int]) -> torch.Tensor:
-    """Library entries' thumbnails as an IMAGE batch of one size (black where a thumbnail is missing)."""
+    """Library entries' thumbnails as an IMAGE batch of one size (black where a thumbnail is missing, a link,
+    unreadable or oversized: Library.load_thumbnail never follows links and logs why it skipped one)."""
     size = lib.features.thumbnail_size or 64
     shape = lib.generation.latent_shape
     if shape:
@@ -144,12 +145,11 @@ def load_thumbnails(lib: Library, seeds: Sequence[int]) -> torch.Tensor:
         tw = th = size
     out: list[Image.Image | np.ndarray] = []
     for s in seeds:
-        p = lib.thumbnail_path(s)
-        if p is None:
+        im = lib.load_thumbnail(s)
+        if im is None:
             out.append(np.zeros((th, tw, 3), np.uint8))
             continue
-        with Image.open(p) as im:
-            out.append(im.convert("RGB").resize((tw, th), Image.Resampling.BICUBIC))
+        out.append(im.convert("RGB").resize((tw, th), Image.Resampling.BICUBIC))
     if not out:
         return torch.zeros((1, th, tw, 3))
     return to_image(out)

@@ -24,9 +24,9 @@ import torch
 from PIL import Image, ImageDraw, ImageOps
 
 from ..noisequery_core.directions.noiseclr import (
-    CHECKPOINT_SUFFIX,
     Directions,
     TrainSettings,
+    check_directions_name,
     checkpoint_path_for,
     data_fingerprint,
     load_directions,
@@ -57,9 +57,9 @@ def register_folder() -> None:
 
 
 def directions_files() -> list[str]:
-    """Finished directions files (checkpoints are left out: they are resumed by the train node)."""
-    return [f for f in folder_paths.get_filename_list(FOLDER)
-            if f.endswith(".safetensors") and not f.endswith(CHECKPOINT_SUFFIX)]
+    """Finished directions files: every ``.safetensors``. Checkpoints end in CHECKPOINT_SUFFIX
+    (``.safetensors.checkpoint``), which no directions file can, so none is hidden by mistake."""
+    return [f for f in folder_paths.get_filename_list(FOLDER) if f.endswith(".safetensors")]
 
 
 def _inside(root: str, path: str) -> bool:
@@ -80,9 +80,7 @@ def directions_path(name: str) -> Path:
 
 def output_path(name: str) -> Path:
     """Where the train node writes directions ``name`` (first folder of models/noiseclr_directions)."""
-    clean = name.strip()
-    if clean.endswith(".safetensors"):
-        clean = clean[: -len(".safetensors")]
+    clean = check_directions_name(name)
     if not clean or clean.startswith(("/", "\\")) or ".." in Path(clean).parts or ":" in clean:
         raise NoiseCLRError(f"name {name!r}: use a plain file name like 'faces_8' (sub-folders with '/' are fine, "
                             f"'..' and absolute paths are not).")

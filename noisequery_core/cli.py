@@ -193,11 +193,14 @@ def cmd_merge(args: argparse.Namespace) -> Any:
 
 def cmd_index(args: argparse.Namespace) -> Any:
     from .library.storage import Library
-    from .search.index import EXACT_MAX, ensure_index
+    from .search.index import EXACT_MAX, IVF_MIN_ROWS, ensure_index, exact_note
 
     lib = Library.open(args.library)
     if not lib.has_clip:
         raise NoiseQueryError(f"Library {lib.path} has no CLIP features; there is nothing to index.")
+    if lib.count < IVF_MIN_ROWS:
+        note = exact_note(lib.count)
+        return {"index": "exact", "count": lib.count, "note": note} if args.json else note
     if lib.count <= EXACT_MAX and not args.force:
         return {"index": "exact", "count": lib.count} if args.json else f"{lib.count} entries: searched exactly, no index needed"
     with lib.writer(), BarProgress("index", not args.quiet, "row") as progress:
@@ -305,6 +308,11 @@ def main(argv: Sequence[str] | None = None, *, out: Callable[[str], None] | None
         result = args.func(args)
     except NoiseQueryError as exc:
         sys.stderr.write(f"error: {exc}\n")
+        return 2
+    except OSError as exc:  # the core turns the OS errors it expects into NoiseQueryError; this is the rest
+        from .library.safefs import os_error
+
+        sys.stderr.write(f"error: {os_error(exc, exc.filename or '(unknown file)', 'use')}\n")
         return 2
     except KeyboardInterrupt:
         sys.stderr.write("interrupted: committed work is kept; run the same command again to continue\n")

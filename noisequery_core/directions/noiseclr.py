@@ -50,7 +50,10 @@ log = logging.getLogger("noisequery")
 FORMAT = "noisequery.noiseclr"
 FORMAT_VERSION = 1
 META_KEY = "noiseclr"
-CHECKPOINT_SUFFIX = ".checkpoint.safetensors"
+# A checkpoint is "<name>.safetensors.checkpoint": directions files always end in ".safetensors",
+# so no directions name can collide with a checkpoint, and every directions file is listed.
+CHECKPOINT_SUFFIX = ".safetensors.checkpoint"
+MAX_NAME_PART = 100  # characters per folder/file part of a directions name (+ suffixes stays < 255 bytes)
 MAX_DIRECTIONS = 256
 
 PredictNoise = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -321,10 +324,27 @@ def parse_names(text: str, count: int | None = None) -> dict[int, str]:
 
 
 def checkpoint_path_for(path: str | Path) -> Path:
-    """Where the resumable checkpoint of directions file ``path`` lives (same folder)."""
+    """Where the resumable checkpoint of directions file ``path`` lives (same folder, ``CHECKPOINT_SUFFIX``)."""
     p = Path(path)
     stem = p.name[: -len(".safetensors")] if p.name.endswith(".safetensors") else p.name
     return p.with_name(stem + CHECKPOINT_SUFFIX)
+
+
+def check_directions_name(name: str) -> str:
+    """A directions name without ``.safetensors``, or NoiseCLRError saying why it cannot be a file name."""
+    clean = name.strip()
+    if clean.endswith(".safetensors"):
+        clean = clean[: -len(".safetensors")]
+    if "\x00" in clean:
+        raise NoiseCLRError(f"name {name!r} contains a NUL character; use a plain file name like 'faces_8'.")
+    parts = clean.replace("\\", "/").split("/")
+    if not clean or any(not p for p in parts):
+        raise NoiseCLRError(f"name {name!r}: use a plain file name like 'faces_8' (sub-folders with '/' are fine).")
+    for p in parts:
+        if len(p) > MAX_NAME_PART:
+            raise NoiseCLRError(f"name {name[:40]!r}…: the part {p[:20]!r}… has {len(p)} characters; at most "
+                                f"{MAX_NAME_PART} are allowed (the file system limits file names).")
+    return clean
 
 
 def data_fingerprint(arrays: Sequence[np.ndarray]) -> str:

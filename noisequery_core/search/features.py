@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import IncompatibleLibraryError, NoiseQueryError
-from ..library.manifest import FeatureSet
+from ..library.manifest import MAX_THUMBNAIL_SIZE, THUMBNAIL_FORMATS, FeatureSet
 from ..library.storage import encode_thumbnail
 from . import color
 from .clip import ClipEmbedder
@@ -31,10 +31,12 @@ class Prepared:
 
 
 def feature_set(embedder: ClipEmbedder | None, *, thumbnail_size: int = 256, thumbnail_format: str = "webp") -> FeatureSet:
-    if thumbnail_format.lower() not in ("webp", "jpg"):
-        raise NoiseQueryError(f"Thumbnail format {thumbnail_format!r} is not supported; use 'webp' or 'jpg'.")
-    if thumbnail_size < 0:
-        raise NoiseQueryError(f"Thumbnail size {thumbnail_size} must be 0 (none) or a positive number of pixels.")
+    if thumbnail_format.lower() not in THUMBNAIL_FORMATS:
+        raise NoiseQueryError(f"Thumbnail format {thumbnail_format!r} is not supported; use {' or '.join(map(repr, THUMBNAIL_FORMATS))}.")
+    if not 0 <= thumbnail_size <= MAX_THUMBNAIL_SIZE:
+        raise NoiseQueryError(
+            f"Thumbnail size {thumbnail_size} must be 0 (none) or a number of pixels up to {MAX_THUMBNAIL_SIZE}."
+        )
     return FeatureSet(
         clip=embedder.identity if embedder is not None else None,
         color_version=color.COLOR_VERSION,

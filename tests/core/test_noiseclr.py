@@ -12,6 +12,7 @@ import torch
 from noisequery_core.directions.noiseclr import (
     Directions,
     TrainSettings,
+    check_directions_name,
     checkpoint_path_for,
     contrastive_loss,
     evaluate_loss,
@@ -212,7 +213,7 @@ def test_file_round_trip(tmp_path: Path) -> None:
     assert parse_names("a, , c") == {0: "a", 2: "c"}
     with pytest.raises(NoiseCLRError, match="index=name"):
         parse_names("0=a, b")
-    assert checkpoint_path_for(path).name == "x.checkpoint.safetensors"
+    assert checkpoint_path_for(path).name == "x.safetensors.checkpoint"
 
 
 def test_bad_files_say_what_is_wrong(tmp_path: Path) -> None:
@@ -240,3 +241,23 @@ def test_bad_files_say_what_is_wrong(tmp_path: Path) -> None:
     with pytest.raises(NoiseCLRError, match="'empty' is missing"):
         load_directions(partial)
     assert issubclass(NoiseCLRError, NoiseQueryError)
+
+
+def test_checkpoint_names_never_collide_with_directions_names(tmp_path: Path) -> None:
+    """B5: directions named 't1.checkpoint' used to overwrite t1's resume checkpoint, and were hidden from the list."""
+    names = ["t1", "t1.checkpoint", "t1.safetensors", "t1.safetensors.checkpoint", "t1.checkpoint.safetensors",
+             "a/b", "x.checkpoint"]
+    directions = {tmp_path / (check_directions_name(n) + ".safetensors") for n in names}
+    checkpoints = {checkpoint_path_for(p) for p in directions}
+    assert len(checkpoints) == len(directions), "one checkpoint per directions file"
+    assert not directions & checkpoints
+    # the apply list shows every ".safetensors" file, and no checkpoint ends that way
+    assert all(p.name.endswith(".safetensors") for p in directions)
+    assert not any(p.name.endswith(".safetensors") for p in checkpoints)
+
+
+@pytest.mark.parametrize(("name", "words"), [("a" * 300, "at most 100"), ("x\x00y", "NUL"), ("", "plain file name"),
+                                             ("a//b", "plain file name")])
+def test_directions_names_that_cannot_be_files_are_refused(name: str, words: str) -> None:
+    with pytest.raises(NoiseCLRError, match=words):
+        check_directions_name(name)
