@@ -113,11 +113,13 @@ class History:
 
 def _pick_from(p: Any, i: int) -> Pick:
     if not isinstance(p, dict):
-        raise ValueError(f"pick {i} is not an object")
+        raise HistoryError(f"exploration history: pick {i} is {type(p).__name__}, not an object with index/seed/"
+                           "strength; clear the history widget to start over.")
     pick = Pick(index=int(p["index"]), seed=int(p["seed"]), strength=float(p["strength"]),
                 cond_seed=int(p.get("cond_seed", 0)), cond_strength=float(p.get("cond_strength", 0.0)))
     if not 0 <= pick.seed <= SEED_MASK or not 0 <= pick.cond_seed <= SEED_MASK:
-        raise ValueError(f"pick {i} has a seed outside 0..{SEED_MASK}")
+        raise HistoryError(f"exploration history: pick {i} has a seed outside 0..{SEED_MASK} (seed {pick.seed}, "
+                           f"cond_seed {pick.cond_seed}); the history is damaged, clear it to start over.")
     return pick
 
 

@@ -8,25 +8,26 @@ import pytest
 import torch
 
 from noisequery_core.errors import HighlightError
-from noisequery_core.guidance.highlight import (
-    EMPTY_HIGHLIGHTS,
-    Highlight,
-    Stroke,
-    attention_bias,
-    check_masks,
-    find_phrase_positions,
-    group_highlights,
-    guidance_weight,
+from noisequery_core.guidance.attention import attention_bias, phrase_attention_mass
+from noisequery_core.guidance.refocus import refocus_loss
+from noisequery_core.guidance.regions import (
     highlight_map,
     level_shape,
     map_centroid_and_area,
-    parse_strokes,
-    phrase_attention_mass,
     principal_axis_degrees,
-    refocus_loss,
     stroke_map,
+)
+from noisequery_core.guidance.schedule import guidance_weight
+from noisequery_core.guidance.strokes import (
+    EMPTY_HIGHLIGHTS,
+    Highlight,
+    Stroke,
+    check_masks,
+    group_highlights,
+    parse_strokes,
     strokes_to_json,
 )
+from noisequery_core.guidance.tokens import find_phrase_positions
 
 
 def line(angle_deg: float, length: float = 0.5, cx: float = 0.5, cy: float = 0.5, aspect: float = 1.0,
