@@ -126,7 +126,7 @@ def extract(rgb_u8: np.ndarray, region_masks: np.ndarray) -> tuple[np.ndarray, n
     cell = (np.arange(h)[:, None] * g // h) * g + (np.arange(w)[None, :] * g // w)
     per_cell = np.bincount((cell * k + label_of_code[codes]).ravel(), minlength=g * g * k).reshape(g * g, k)
     masks = region_masks.reshape(len(region_masks), g * g).astype(np.float64)
-    region_counts = masks @ per_cell  # [R, k]
+    region_counts = masks @ per_cell  # [R, k]; sums of whole counts, exact in any order
     shares = region_counts / np.maximum(region_counts.sum(axis=1, keepdims=True), 1.0)
 
     palette = np.zeros((PALETTE_SIZE, 2), np.uint16)
@@ -239,7 +239,8 @@ def colour_share_scores(
         e = min(n, s + _SCAN_CHUNK)
         acc, t = out[s:e], tmp[: e - s]
         for k in range(PALETTE_SIZE):
-            # mode="wrap" skips numpy's bounds check: every stored index is < len(lut) by construction.
+            # mode="wrap" skips numpy's bounds check: the library's indices are < len(lut), and a damaged
+            # file's (codes ≥ CODES, which verify reports) wrap to a wrong score instead of raising.
             np.take(lut, index[k, s:e], out=t, mode="wrap")
             t *= shares[k, s:e]
             acc += t
