@@ -36,6 +36,7 @@ from ..noisequery_core.directions.noiseclr import (
     train_directions,
 )
 from ..noisequery_core.errors import NoiseCLRError
+from ..noisequery_core.imaging import load_image
 from . import _host
 
 log = logging.getLogger("noisequery")
@@ -120,8 +121,7 @@ def gather_images(folder: str, images: torch.Tensor | None, resolution: int) -> 
     if folder.strip():
         files = folder_images(folder)
         for f in files:
-            with Image.open(f) as im:
-                arrays.append(_square(im, resolution))
+            arrays.append(_square(load_image(f), resolution))  # upright, 8-bit by the file's real range
         sources.append(f"{len(files)} images from input/{folder.strip()}")
     if images is not None:
         arr = (images[..., :3].detach().cpu().float().clamp(0, 1).numpy() * 255 + 0.5).astype(np.uint8)
