@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from ..checks import finite
 from ..errors import NoiseQueryError
 from ..noise import SEED_MASK, seed_noise
 from .interp import slerp
@@ -33,6 +34,11 @@ from .interp import slerp
 HISTORY_FORMAT = "noisequery.explore"
 HISTORY_VERSION = 1
 DERIVATION = "noisequery.explore/v1"
+# A variant's noise strength is a slerp factor (0 = the current noise, 1 = the fresh seed's); its prompt strength is
+# relative to each token's norm. Both are refused outside these ranges (and when NaN/inf) wherever they enter: the
+# node's widgets (nodes/exploration_variation_nodes.py uses these bounds), candidates() and a parsed history.
+STRENGTH_MAX = 1.0
+COND_STRENGTH_MAX = 2.0
 
 
 class HistoryError(NoiseQueryError):
@@ -114,18 +120,29 @@ class History:
 def _pick_from(p: Any, i: int) -> Pick:
     if not isinstance(p, dict):
         raise ValueError(f"pick {i} is not an object")
-    pick = Pick(index=int(p["index"]), seed=int(p["seed"]), strength=float(p["strength"]),
-                cond_seed=int(p.get("cond_seed", 0)), cond_strength=float(p.get("cond_strength", 0.0)))
+    fix = "the history is damaged; clear the history widget to start a new walk."
+    pick = Pick(index=int(p["index"]), seed=int(p["seed"]),
+                strength=finite(p["strength"], f"exploration history: pick {i} strength", lo=0.0, hi=STRENGTH_MAX,
+                                fix=fix, error=HistoryError),
+                cond_seed=int(p.get("cond_seed", 0)),
+                cond_strength=finite(p.get("cond_strength", 0.0), f"exploration history: pick {i} cond_strength",
+                                     lo=0.0, hi=COND_STRENGTH_MAX, fix=fix, error=HistoryError))
     if not 0 <= pick.seed <= SEED_MASK or not 0 <= pick.cond_seed <= SEED_MASK:
         raise ValueError(f"pick {i} has a seed outside 0..{SEED_MASK}")
     return pick
 
 
 def candidates(history: History, count: int, strength: float, cond_strength: float = 0.0) -> list[Pick]:
-    """The ``count`` variants offered in the history's current round (each is the Pick it would become)."""
+    """The ``count`` variants offered in the history's current round (each is the Pick it would become).
+
+    Raises HistoryError when a strength is NaN, infinite or outside 0..STRENGTH_MAX / 0..COND_STRENGTH_MAX (such a
+    pick would render black and be written into the history).
+    """
+    strength = finite(strength, "variation strength", lo=0.0, hi=STRENGTH_MAX, error=HistoryError)
+    cond_strength = finite(cond_strength, "variation cond_strength", lo=0.0, hi=COND_STRENGTH_MAX, error=HistoryError)
     k = history.round
-    return [Pick(index=j, seed=derive_seed(history.start_seed, k, j), strength=float(strength),
-                 cond_seed=derive_seed(history.start_seed, k, j, "cond"), cond_strength=float(cond_strength))
+    return [Pick(index=j, seed=derive_seed(history.start_seed, k, j), strength=strength,
+                 cond_seed=derive_seed(history.start_seed, k, j, "cond"), cond_strength=cond_strength)
             for j in range(count)]
 
 

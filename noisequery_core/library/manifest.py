@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..checks import number_problem
 from ..errors import LibraryError, SchemaVersionError
 
 SCHEMA_VERSION = 1
@@ -40,6 +41,14 @@ class GenerationKey:
     negative_prompt: str = ""
     denoise: float = 1.0
     extra: tuple[tuple[str, str], ...] = ()  # free-form (name, value) pairs, sorted
+
+    def __post_init__(self) -> None:
+        # A NaN cfg renders black images and would be written into the manifest as `NaN` (not even JSON).
+        for name in ("cfg", "denoise"):
+            problem = number_problem(getattr(self, name))
+            if problem is not None:
+                raise LibraryError(f"generation key: {name} {problem}; give the sampler a finite {name} (a library "
+                                   f"whose manifest holds it was built with a broken setting: build it again).")
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -183,6 +192,8 @@ class Manifest:
                 schema_version=version,
                 notes=dict(d.get("notes") or {}),
             )
+        except LibraryError as exc:  # a value the generation key refuses
+            raise LibraryError(f"{where}: {exc}") from exc
         except (KeyError, TypeError, ValueError) as exc:
             raise LibraryError(f"{where}: manifest field missing or malformed ({exc!r}); the manifest is damaged.") from exc
 

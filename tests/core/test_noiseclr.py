@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -220,3 +221,30 @@ def test_bad_files_say_what_is_wrong(tmp_path: Path) -> None:
     with pytest.raises(NoiseCLRError, match="'empty' is missing"):
         load_directions(partial)
     assert issubclass(NoiseCLRError, NoiseQueryError)
+
+
+@pytest.mark.parametrize(("tensor", "value", "words"), [
+    ("directions", float("nan"), "'directions' holds NaN or infinite values"),
+    ("empty", float("inf"), "'empty' holds NaN or infinite values"),
+    ("directions", 1e30, "'directions' holds values up to 1e+30"),
+])
+def test_directions_with_non_finite_or_absurd_values_are_refused(tmp_path: Path, tensor: str, value: float,
+                                                                 words: str) -> None:
+    """Such a file samples black images; it is refused when loaded, naming the tensor."""
+    d = Directions(directions=torch.randn(3, 4, D), empty=_empty(), settings=SETTINGS)
+    getattr(d, tensor).view(-1)[5] = value
+    path = save_directions(tmp_path / "bad.safetensors", d)
+    with pytest.raises(NoiseCLRError, match=re.escape(words)) as info:
+        load_directions(path)
+    assert str(path) in str(info.value) and "damaged" in str(info.value)
+
+
+@pytest.mark.parametrize(("setting", "value"), [("learning_rate", float("nan")), ("temperature", float("inf")),
+                                                ("init_noise", float("-inf"))])
+def test_non_finite_settings_are_refused(tmp_path: Path, setting: str, value: float) -> None:
+    d = Directions(directions=torch.randn(3, 4, D), empty=_empty(), settings=dataclasses.replace(SETTINGS, **{setting: value}))
+    path = save_directions(tmp_path / "bad.safetensors", d)
+    with pytest.raises(NoiseCLRError, match=f"setting {setting} is"):
+        load_directions(path)
+    with pytest.raises(NoiseCLRError, match=f"{setting} is"):
+        dataclasses.replace(SETTINGS, **{setting: value}).validate()
