@@ -23,6 +23,7 @@ from ..noisequery_core.exploration.interp import (
     seed_grid_noise,
     seed_strip_noise,
 )
+from ._validate import check_numbers, require_numbers
 
 SEED_MAX = 0xFFFFFFFFFFFFFFFF
 # Seed inputs here say control_after_generate=False: the frontend otherwise gives any INT named "seed" a
@@ -99,8 +100,14 @@ class NoiseQuerySeedSlerp(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, t_start: float | None = None, t_end: float | None = None) -> bool | str:
+        # named so that NaN/inf are refused; check_numbers re-applies the ranges ComfyUI then skips
+        return check_numbers(cls, locals())
+
+    @classmethod
     def execute(cls, seed_a: int, seed_b: int, steps: int, t_start: float, t_end: float, width: int,
                 height: int) -> io.NodeOutput:
+        require_numbers(cls, {"t_start": t_start, "t_end": t_end})  # linked values are unchecked at queue time
         ts = interpolation_ts(steps, t_start, t_end)
 
         def make(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
@@ -212,8 +219,14 @@ class NoiseQueryConditioningInterpolate(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, t_start: float | None = None, t_end: float | None = None) -> bool | str:
+        # named so that NaN/inf are refused; check_numbers re-applies the ranges ComfyUI then skips
+        return check_numbers(cls, locals())
+
+    @classmethod
     def execute(cls, conditioning_a: list[Any], conditioning_b: list[Any], mode: str, t_start: float, t_end: float,
                 steps: int) -> io.NodeOutput:
+        require_numbers(cls, {"t_start": t_start, "t_end": t_end})  # linked values are unchecked at queue time
         ts = interpolation_ts(steps, t_start, t_end)
         out = interpolate_conditioning(conditioning_a, conditioning_b, ts, mode)
         la = ", ".join(str(c[0].shape[1]) for c in conditioning_a)

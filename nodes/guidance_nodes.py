@@ -23,7 +23,9 @@ from ..noisequery_core.guidance.highlight import (
     highlight_map,
     map_centroid_and_area,
     parse_strokes,
+    preview_shape,
 )
+from ._validate import numbers_problem, require_numbers
 from .guidance_runtime import GuideSettings, HighlightRuntime, install
 
 log = logging.getLogger("noisequery")
@@ -118,7 +120,7 @@ def _stroke_rgb(hl: Highlight) -> tuple[int, int, int] | None:
 def region_preview(highlights: list[Highlight], width: int, height: int, softness: float,
                    background: torch.Tensor | None) -> torch.Tensor:
     """An IMAGE [1, H, W, 3] showing each phrase's soft region in its colour (over the background if any)."""
-    w, h = max(8, width // 4), max(8, height // 4)
+    h, w = preview_shape(width, height)
     if background is not None:
         bg = background[:1].movedim(-1, 1).float()
         base = torch.nn.functional.interpolate(bg, size=(h, w), mode="bilinear", align_corners=False)[0].movedim(0, -1)
@@ -248,13 +250,21 @@ class HighlightScribbleGuide(io.ComfyNode):
             ],
         )
 
+    # Every number is named (so NaN/inf are refused); numbers_problem re-applies the schema ranges ComfyUI then
+    # skips. None is a linked input, checked when the node runs.
     @classmethod
-    def validate_inputs(cls, highlights: str, start_percent: float, end_percent: float) -> bool | str:
+    def validate_inputs(cls, highlights: str | None = None, strength: float | None = None,
+                        start_percent: float | None = None, end_percent: float | None = None,
+                        edge_softness: float | None = None, refocus_percent: float | None = None,
+                        refocus_step_size: float | None = None) -> bool | str:
+        bad = numbers_problem(cls, locals())
+        if bad:
+            return bad
         try:
             parse_strokes(highlights)
         except HighlightError as exc:
             return str(exc)
-        if end_percent <= start_percent:
+        if start_percent is not None and end_percent is not None and end_percent <= start_percent:
             return f"end_percent ({end_percent}) must be greater than start_percent ({start_percent})"
         return True
 
@@ -264,6 +274,9 @@ class HighlightScribbleGuide(io.ComfyNode):
                 refocus_percent: float, refocus_iterations: int, refocus_step_size: float,
                 mask_highlights: list[tuple[str, torch.Tensor]] | None = None,
                 background: torch.Tensor | None = None, gligen: Any = None) -> io.NodeOutput:
+        require_numbers(cls, locals())  # the arguments by name: linked values were not there to check at queue time
+        if end_percent <= start_percent:
+            raise HighlightError(f"end_percent ({end_percent}) must be greater than start_percent ({start_percent})")
         strokes = parse_strokes(highlights)
         masks = list(mask_highlights or [])
         check_masks(masks)
