@@ -216,7 +216,7 @@ def _thin(points: Sequence[tuple[float, float]], sx: float, sy: float, tol: floa
     keep = [0]
     last = pts[0]
     for i in range(1, len(pts) - 1):
-        if abs(pts[i, 0] - last[0]) >= tol or abs(pts[i, 1] - last[1]) >= tol or math.dist(pts[i], last) >= tol:
+        if math.dist(pts[i], last) >= tol:
             keep.append(i)
             last = pts[i]
     keep.append(len(pts) - 1)
