@@ -126,7 +126,7 @@ def main() -> int:
                                       checkpoint_every=10_000)
         stamps: list[float] = []
 
-        def progress(done: int, total: int, loss: float) -> None:
+        def progress(done: int, total: int, message: str = "") -> None:
             sync()
             stamps.append(time.perf_counter())
 

@@ -115,6 +115,7 @@ def library_fingerprint(name: str) -> tuple[Any, ...]:
         st = (path / "manifest.json").stat()
         return (str(path), st.st_mtime_ns, st.st_size)
     except Exception as exc:  # validation reports the real error; here only "changed"
+        log.debug("library_fingerprint: %s is unresolved (%s)", name, exc)
         return ("unresolved", name, str(exc))
 
 
@@ -157,7 +158,8 @@ def upstream_model_name(dynprompt: Any, unique_id: str | None, input_name: str =
     for _ in range(depth):
         try:
             node = dynprompt.get_node(node_id)
-        except Exception:
+        except Exception as exc:  # a node id the prompt does not hold (e.g. an expanded group)
+            log.debug("upstream_model_name: stopped at node %s (%s)", node_id, exc)
             break
         link = node.get("inputs", {}).get(inp)
         if not isinstance(link, list) or len(link) != 2:
@@ -184,7 +186,8 @@ def upstream_text(dynprompt: Any, unique_id: str | None, input_name: str) -> str
             up = dynprompt.get_node(str(link[0]))
             text = up.get("inputs", {}).get("text")
             return text if isinstance(text, str) else ""
-    except Exception:
+    except Exception as exc:  # best effort: the text only labels the library's generation key
+        log.debug("upstream_text: no constant text for %s of node %s (%s)", input_name, unique_id, exc)
         return ""
     return ""
 
@@ -203,20 +206,46 @@ def conditioning_fingerprint(cond: Any) -> str:
 # ------------------------------------------------------------------ progress / interrupt
 
 
-class Progress:
-    """ComfyUI progress bar as the core's progress(done, total) callable."""
+class NodeWork:
+    """ComfyUI's side of the core's long-work contract (noisequery_core.work), for one node run.
 
-    def __init__(self, total: int, node_id: str | None = None):
-        self.bar = comfy.utils.ProgressBar(max(total, 1), node_id=node_id)
-        self.preview: Any = None
+    ``progress`` drives the node's progress bar (with ``preview``, when set, as its image) and shows
+    the core's message as the node's progress text; ``check_cancel`` raises ComfyUI's own interrupt,
+    so a stopped run is reported as "interrupted" the usual way. Every node that does long work
+    uses this one adapter: ``work = NodeWork(cls.hidden.unique_id, total)``.
+    """
 
-    def __call__(self, done: int, total: int) -> None:
+    def __init__(self, node_id: str | None, total: int, *, text_updates: int = 50):
+        self.node_id = node_id
+        self.bar = comfy.utils.ProgressBar(max(int(total), 1), node_id=node_id)
+        self.preview: Any = None  # e.g. ("JPEG", pil_image, max_size), sent with every update
+        self._text_updates = max(1, text_updates)  # progress texts per run at most (each is a websocket message)
+        self._text_step = -1
+
+    def progress(self, done: int, total: int, message: str = "") -> None:
         self.bar.update_absolute(done, max(total, 1), self.preview)
+        if message and self.node_id is not None:
+            step = done * self._text_updates // max(total, 1)
+            if step != self._text_step or done >= total:
+                self._text_step = step
+                send_progress_text(message, self.node_id)
+
+    def check_cancel(self) -> None:
+        raise_if_interrupted()
 
 
-def interrupted() -> bool:
-    return comfy.model_management.processing_interrupted()
+def send_progress_text(text: str, node_id: str) -> None:
+    """Show ``text`` under the node in the browser (ComfyUI's progress text); nothing without a server."""
+    try:
+        from server import PromptServer
+    except ImportError as exc:  # ComfyUI embedded without its server module
+        log.debug("no ComfyUI server to show progress text (%s)", exc)
+        return
+    server = getattr(PromptServer, "instance", None)
+    if server is not None:
+        server.send_progress_text(text, node_id)
 
 
 def raise_if_interrupted() -> None:
+    """Raise ComfyUI's interrupt (InterruptProcessingException) when the user pressed Cancel."""
     comfy.model_management.throw_exception_if_processing_interrupted()

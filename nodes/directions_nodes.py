@@ -1,7 +1,7 @@
 """NoiseCLR nodes: train interpretable directions from unlabeled images, and apply several at once.
 
 Thin V3 glue: the ComfyUI-facing work is in nodes/directions_runtime.py, the algorithm in
-noisequery_core/noiseclr.py.
+noisequery_core/directions/noiseclr.py.
 """
 
 from __future__ import annotations
@@ -10,11 +10,9 @@ import logging
 from typing import Any
 
 import comfy.samplers
-import comfy.utils
 import folder_paths
 import torch
 from comfy_api.latest import io
-from server import PromptServer
 
 from ..noisequery_core.directions.noiseclr import (
     TrainSettings,
@@ -24,6 +22,7 @@ from ..noisequery_core.directions.noiseclr import (
 )
 from ..noisequery_core.errors import NoiseCLRError
 from . import _host
+from ._glue import SEED_MAX
 from ._validate import check_numbers, numbers_problem, require_numbers
 from .directions_runtime import (
     FOLDER,
@@ -74,7 +73,7 @@ class NoiseCLRTrainDirections(io.ComfyNode):
                 io.Float.Input("temperature", default=0.5, min=0.01, max=10.0, step=0.01, tooltip="Contrastive temperature τ: lower sharpens the push between directions."),
                 io.Int.Input("t_min", default=100, min=0, max=999, tooltip="Smallest training timestep (of 1000): low values teach fine detail."),
                 io.Int.Input("t_max", default=900, min=0, max=999, tooltip="Largest training timestep: high values teach layout and global attributes."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False, tooltip="Seed of the whole run (initialisation and every iteration's images, timesteps and noise)."),
+                io.Int.Input("seed", default=0, min=0, max=SEED_MAX, control_after_generate=False, tooltip="Seed of the whole run (initialisation and every iteration's images, timesteps and noise)."),
                 io.Int.Input("token_count", default=77, min=1, max=77, tooltip="Tokens per direction, taken from the start of the empty prompt's 77. 77 batches best with prompts when applied."),
                 io.Int.Input("checkpoint_every", default=50, min=1, max=100_000, tooltip="Write a resumable checkpoint every this many iterations (and when interrupted)."),
                 io.Boolean.Input("resume", default=True, tooltip="Continue from this name's checkpoint when its settings, model and images match; off starts over."),
@@ -133,20 +132,11 @@ class NoiseCLRTrainDirections(io.ComfyNode):
         arrays, source = gather_images(image_folder, images, resolution)
         uid = cls.hidden.unique_id if cls.hidden else None
         dyn = cls.hidden.dynprompt if cls.hidden else None
-        bar = comfy.utils.ProgressBar(max(iterations, 1), node_id=uid)
-        every = max(1, iterations // 50)
-
-        def progress(done: int, total: int, loss: float) -> None:
-            bar.update_absolute(done, max(total, 1))
-            if uid is not None and (done % every == 0 or done == total):
-                server = getattr(PromptServer, "instance", None)
-                if server is not None:
-                    server.send_progress_text(f"iteration {done}/{total}  loss {loss:.4f}", uid)
-
+        work = _host.NodeWork(uid, iterations)
         fname = out.relative_to(folder_paths.get_folder_paths(FOLDER)[0]).as_posix()
         d, report = run_training(model, clip, vae, arrays, source, settings, out, label=fname,
                                  model_name=_host.upstream_model_name(dyn, uid), names=names, resume=resume,
-                                 progress=progress, check_cancel=_host.raise_if_interrupted)
+                                 progress=work.progress, check_cancel=work.check_cancel)
         return io.NodeOutput(fname, loss_plot(d.loss_history), report, ui={"text": [report]})
 
 

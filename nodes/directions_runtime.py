@@ -1,7 +1,7 @@
 """NoiseCLR glue that touches ComfyUI's objects: folders and images, the model as a differentiable eps(x, sigma,
 context), the training run, and the sampling patch that applies directions (MODEL and GUIDER).
 
-The algorithm (loss, training loop, checkpoint/resume, file format) lives in noisequery_core/noiseclr.py; the
+The algorithm (loss, training loop, checkpoint/resume, file format) lives in noisequery_core/directions/noiseclr.py; the
 node classes are in nodes/directions_nodes.py.
 """
 
@@ -24,9 +24,9 @@ import torch
 from PIL import Image, ImageDraw, ImageOps
 
 from ..noisequery_core.directions.noiseclr import (
-    CHECKPOINT_SUFFIX,
     Directions,
     TrainSettings,
+    check_directions_name,
     checkpoint_path_for,
     data_fingerprint,
     load_directions,
@@ -37,7 +37,9 @@ from ..noisequery_core.directions.noiseclr import (
 )
 from ..noisequery_core.errors import NoiseCLRError
 from ..noisequery_core.imaging import load_image
+from ..noisequery_core.work import CheckCancel, Progress, never_cancel, no_progress
 from . import _host
+from ._glue import to_image, to_uint8
 
 log = logging.getLogger("noisequery")
 
@@ -56,9 +58,9 @@ def register_folder() -> None:
 
 
 def directions_files() -> list[str]:
-    """Finished directions files (checkpoints are left out: they are resumed by the train node)."""
-    return [f for f in folder_paths.get_filename_list(FOLDER)
-            if f.endswith(".safetensors") and not f.endswith(CHECKPOINT_SUFFIX)]
+    """Finished directions files: every ``.safetensors``. Checkpoints end in CHECKPOINT_SUFFIX
+    (``.safetensors.checkpoint``), which no directions file can, so none is hidden by mistake."""
+    return [f for f in folder_paths.get_filename_list(FOLDER) if f.endswith(".safetensors")]
 
 
 def _inside(root: str, path: str) -> bool:
@@ -79,9 +81,7 @@ def directions_path(name: str) -> Path:
 
 def output_path(name: str) -> Path:
     """Where the train node writes directions ``name`` (first folder of models/noiseclr_directions)."""
-    clean = name.strip()
-    if clean.endswith(".safetensors"):
-        clean = clean[: -len(".safetensors")]
+    clean = check_directions_name(name)
     if not clean or clean.startswith(("/", "\\")) or ".." in Path(clean).parts or ":" in clean:
         raise NoiseCLRError(f"name {name!r}: use a plain file name like 'faces_8' (sub-folders with '/' are fine, "
                             f"'..' and absolute paths are not).")
@@ -124,7 +124,7 @@ def gather_images(folder: str, images: torch.Tensor | None, resolution: int) -> 
             arrays.append(_square(load_image(f), resolution))  # upright, 8-bit by the file's real range
         sources.append(f"{len(files)} images from input/{folder.strip()}")
     if images is not None:
-        arr = (images[..., :3].detach().cpu().float().clamp(0, 1).numpy() * 255 + 0.5).astype(np.uint8)
+        arr = to_uint8(images)
         for a in arr:
             arrays.append(_square(Image.fromarray(a), resolution))
         sources.append(f"{len(arr)} images from the IMAGE input")
@@ -240,14 +240,18 @@ def loss_plot(losses: Sequence[float], width: int = 512, height: int = 256) -> t
         draw.text((8, 4), f"loss {arr[0]:.3f} -> {arr[-1]:.3f} (max {hi:.3f}, min {lo:.3f})", fill=(230, 230, 230))
     else:
         draw.text((8, 4), "fewer than 2 iterations", fill=(230, 230, 230))
-    return torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).unsqueeze(0)
+    return to_image([im])
 
 
 def run_training(model: Any, clip: Any, vae: Any, arrays: Sequence[np.ndarray], source: str, settings: TrainSettings,
                  out_path: Path, *, label: str = "", model_name: str = "", names: str = "", resume: bool = True,
-                 progress: Callable[[int, int, float], None] | None = None,
-                 check_cancel: Callable[[], None] | None = None) -> tuple[Directions, str]:
-    """Everything the train node and scripts/noiseclr_train.py do: encode, train, save. Returns (directions, report)."""
+                 progress: Progress = no_progress,
+                 check_cancel: CheckCancel = never_cancel) -> tuple[Directions, str]:
+    """Everything the train node and scripts/noiseclr_train.py do: encode, train, save. Returns (directions, report).
+
+    ``progress`` and ``check_cancel`` follow the core's long-work contract (noisequery_core.work): the node
+    passes a ``_host.NodeWork``'s; a stop raises out of here after the checkpoint is written.
+    """
     check_supported(model)
     base_model = model_identity(model, model_name)
     data = {"images": len(arrays), "fingerprint": data_fingerprint(arrays), "resolution": int(arrays[0].shape[0]),

@@ -18,8 +18,8 @@ from ..noisequery_core import ClipSpec, QueryError
 from ..noisequery_core.exploration.rank import AestheticHead, clip_scores, embed_images, rank
 from ..noisequery_core.search.clip import spec_for_identity
 from . import _host
+from ._glue import MissingNoise, PickedNoise, to_pil
 from ._validate import check_numbers, require_numbers
-from .sampling import to_pil
 
 log = logging.getLogger("noisequery")
 
@@ -52,30 +52,6 @@ def aesthetic_head(name: str) -> AestheticHead:
             got = (mtime, AestheticHead.load(path))
             _heads[path] = got
     return got[1]
-
-
-class PickedNoise:
-    """Item ``index`` of another NOISE's ``count``-item batch, for every item of the latent it is asked for."""
-
-    def __init__(self, inner: Any, index: int, count: int):
-        self.inner, self.index, self.count = inner, index, count
-        self.seed = getattr(inner, "seed", 0)
-
-    def generate_noise(self, input_latent: dict[str, Any]) -> torch.Tensor:
-        samples = input_latent["samples"]
-        full = torch.zeros((self.count, *samples.shape[1:]), dtype=samples.dtype)
-        item = self.inner.generate_noise({"samples": full})[self.index : self.index + 1]
-        return item.repeat(samples.shape[0], *([1] * (samples.ndim - 1)))
-
-
-class MissingNoise:
-    """best_noise when no `noise` was connected: fails with a message saying what to connect."""
-
-    seed = 0
-
-    def generate_noise(self, input_latent: dict[str, Any]) -> torch.Tensor:
-        raise QueryError("NoiseQueryRank's best_noise is used but its `noise` input is not connected: connect the "
-                         "NOISE that produced the ranked images.")
 
 
 class NoiseQueryRank(io.ComfyNode):
@@ -111,6 +87,7 @@ class NoiseQueryRank(io.ComfyNode):
                 io.Image.Output(display_name="ranked", tooltip="The whole batch, best first."),
                 io.String.Output(display_name="report", tooltip="Every image's rank, combined score and raw metrics."),
             ],
+            hidden=[io.Hidden.unique_id],  # the progress bar's node
         )
 
     @classmethod
@@ -144,7 +121,8 @@ class NoiseQueryRank(io.ComfyNode):
         else:
             embedder = _host.embedder_for(ClipSpec.parse(clip_model))
         if embs is None:
-            embs = embed_images(embedder, to_pil(images), check_cancel=_host.raise_if_interrupted)
+            work = _host.NodeWork(cls.hidden.unique_id if cls.hidden else None, n)
+            embs = embed_images(embedder, to_pil(images), progress=work.progress, check_cancel=work.check_cancel)
         metrics, weights = {}, {}
         if use_clip:
             metrics["clip"] = clip_scores(embs, embedder.encode_text([text])[0])
@@ -159,7 +137,9 @@ class NoiseQueryRank(io.ComfyNode):
             best_seed = int(seeds[best % len(seeds)])
         else:
             best_seed = int(getattr(noise, "seed", 0)) if noise is not None else 0
-        best_noise = PickedNoise(noise, best, n) if noise is not None else MissingNoise()
+        best_noise = PickedNoise(noise, best, n) if noise is not None else MissingNoise(
+            "NoiseQueryRank's best_noise is used but its `noise` input is not connected: connect the NOISE that "
+            "produced the ranked images.")
         notes = []
         if noise is None:
             notes.append("note: no `noise` connected: best_noise is empty and best_seed is 0.")

@@ -30,8 +30,8 @@ from ..noisequery_core.exploration.explore import (
     variant_noises,
     variant_tokens,
 )
+from ._glue import MadeNoise, empty_latent, latent_shape, latent_size_inputs, seed_input
 from ._validate import numbers_problem, require_numbers
-from .exploration_walk_nodes import SEED_MAX, BatchNoise, empty_latent, latent_size_inputs
 
 MAX_VARIANTS = 64
 # ui keys read by web/js/noisequery_explore.js (kept in sync there).
@@ -89,7 +89,7 @@ class NoiseQueryVariations(io.ComfyNode):
                 "current_noise/current_positive are where the walk stands, to render the final image at full size."
             ),
             inputs=[
-                io.Int.Input("seed", default=0, min=0, max=SEED_MAX, control_after_generate=False, tooltip="Where the walk starts (e.g. a Noise Query seed). Changing it with picks in the history is refused: clear the history to start over."),
+                seed_input("seed", 0, "Where the walk starts (e.g. a Noise Query seed). Changing it with picks in the history is refused: clear the history to start over."),
                 io.Conditioning.Input("positive", tooltip="The prompt to render with; moved only when cond_strength > 0."),
                 io.Int.Input("variants", default=4, min=1, max=MAX_VARIANTS, tooltip="How many variants each round offers (the batch size to render)."),
                 io.Float.Input("strength", default=0.3, min=0.0, max=STRENGTH_MAX, step=0.01, tooltip="How far each variant moves from the current noise: 0 = same noise, 1 = an unrelated seed's noise."),
@@ -125,8 +125,8 @@ class NoiseQueryVariations(io.ComfyNode):
             History.parse(history, start)
         except HistoryError as exc:
             return str(exc)
-        except (ValueError, TypeError):
-            pass  # parse() gives the precise message at run time
+        except (ValueError, TypeError) as exc:  # not JSON, or a start_seed that is not a number
+            return f"history is not a readable exploration history ({exc}); clear the history widget to start a new walk."
         return True
 
     @classmethod
@@ -156,8 +156,8 @@ class NoiseQueryVariations(io.ComfyNode):
         after = tuple(hist.with_pick(p).to_json() for p in offers)
         report = note + describe(hist, offers)
         return io.NodeOutput(
-            BatchNoise(seed, len(offers), make_variants), variant_pos, empty_latent(len(offers), width, height),
-            BatchNoise(seed, 1, make_current), current_pos, text, Exploration(after, seed, hist.round),
+            MadeNoise(seed, len(offers), make_variants), variant_pos, empty_latent(len(offers), latent_shape(width, height)),
+            MadeNoise(seed, 1, make_current), current_pos, text, Exploration(after, seed, hist.round),
             ui={"text": [report], UI_HISTORY: [text]},
         )
 

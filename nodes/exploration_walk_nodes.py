@@ -23,49 +23,14 @@ from ..noisequery_core.exploration.interp import (
     seed_grid_noise,
     seed_strip_noise,
 )
+from ._glue import MadeNoise, empty_latent, latent_shape, latent_size_inputs, seed_input
 from ._validate import check_numbers, require_numbers
 
-SEED_MAX = 0xFFFFFFFFFFFFFFFF
-# Seed inputs here say control_after_generate=False: the frontend otherwise gives any INT named "seed" a
-# "randomize after each run" control, which would change a walk's endpoints (or break an explorer's history).
 MAX_STEPS = 256
 T_LIMIT = 8.0
 # The frontend rounds floats to the step's decimals: 0.0001 lets a factor move in tiny steps (a strip over a
 # small t range goes finer still).
 T_STEP = 0.0001
-
-
-def empty_latent(batch: int, width: int, height: int) -> dict[str, torch.Tensor]:
-    """As EmptyLatentImage: zeros [batch, 4, h/8, w/8]; samplers widen the channels for models that need more."""
-    return {"samples": torch.zeros((batch, 4, height // 8, width // 8))}
-
-
-def latent_size_inputs() -> list[Any]:
-    return [
-        io.Int.Input("width", default=512, min=16, max=16384, step=8, tooltip="Width of the latent output, in pixels."),
-        io.Int.Input("height", default=512, min=16, max=16384, step=8, tooltip="Height of the latent output, in pixels."),
-    ]
-
-
-class BatchNoise:
-    """A NOISE for SamplerCustomAdvanced whose item i is ``make(shape)[i % n]``, drawn for the latent's shape.
-
-    ``make(item_shape, dtype)`` returns [n, *item_shape]. ``seed`` drives the per-step noise of stochastic
-    samplers (as RandomNoise's seed does), shared by the whole batch as in any ComfyUI batch.
-    """
-
-    def __init__(self, seed: int, count: int, make: Any):
-        self.seed = int(seed)
-        self.count = count
-        self._make = make
-
-    def generate_noise(self, input_latent: dict[str, Any]) -> torch.Tensor:
-        samples = input_latent["samples"]
-        items = self._make(tuple(samples.shape[1:]), samples.dtype)
-        b = samples.shape[0]
-        if b == items.shape[0]:
-            return items
-        return items[[i % items.shape[0] for i in range(b)]]
 
 
 class NoiseQuerySeedSlerp(io.ComfyNode):
@@ -85,8 +50,8 @@ class NoiseQuerySeedSlerp(io.ComfyNode):
                 "SamplerCustomAdvanced. Same seed on both ends = that seed's noise on every item (for a prompt walk)."
             ),
             inputs=[
-                io.Int.Input("seed_a", default=0, min=0, max=SEED_MAX, control_after_generate=False, tooltip="Seed at t=0 (connect a Noise Query seed to start from a library hit)."),
-                io.Int.Input("seed_b", default=1, min=0, max=SEED_MAX, control_after_generate=False, tooltip="Seed at t=1."),
+                seed_input("seed_a", 0, "Seed at t=0 (connect a Noise Query seed to start from a library hit)."),
+                seed_input("seed_b", 1, "Seed at t=1."),
                 io.Int.Input("steps", default=8, min=1, max=MAX_STEPS, tooltip="How many noises (batch items) from t_start to t_end, both included."),
                 io.Float.Input("t_start", default=0.0, min=-T_LIMIT, max=T_LIMIT, step=T_STEP, tooltip="Factor of the first item: 0 = seed A, 1 = seed B; below 0 extrapolates beyond A."),
                 io.Float.Input("t_end", default=1.0, min=-T_LIMIT, max=T_LIMIT, step=T_STEP, tooltip="Factor of the last item; above 1 extrapolates beyond B. A small range gives arbitrarily small steps."),
@@ -115,7 +80,7 @@ class NoiseQuerySeedSlerp(io.ComfyNode):
 
         report = f"slerp seed {seed_a} -> seed {seed_b}, {steps} steps\n" + "\n".join(
             f"item {i}: t={t:.6g}" for i, t in enumerate(ts))
-        return io.NodeOutput(BatchNoise(seed_a, len(ts), make), empty_latent(len(ts), width, height), report,
+        return io.NodeOutput(MadeNoise(seed_a, len(ts), make), empty_latent(len(ts), latent_shape(width, height)), report,
                              ui={"text": [report]})
 
 
@@ -133,10 +98,10 @@ class NoiseQuerySeedGrid(io.ComfyNode):
                 "corners. Use with SamplerCustomAdvanced and the `latent` output."
             ),
             inputs=[
-                io.Int.Input("seed_top_left", default=0, min=0, max=SEED_MAX, control_after_generate=False, tooltip="Seed of the top-left cell."),
-                io.Int.Input("seed_top_right", default=1, min=0, max=SEED_MAX, control_after_generate=False, tooltip="Seed of the top-right cell."),
-                io.Int.Input("seed_bottom_left", default=2, min=0, max=SEED_MAX, control_after_generate=False, tooltip="Seed of the bottom-left cell."),
-                io.Int.Input("seed_bottom_right", default=3, min=0, max=SEED_MAX, control_after_generate=False, tooltip="Seed of the bottom-right cell."),
+                seed_input("seed_top_left", 0, "Seed of the top-left cell."),
+                seed_input("seed_top_right", 1, "Seed of the top-right cell."),
+                seed_input("seed_bottom_left", 2, "Seed of the bottom-left cell."),
+                seed_input("seed_bottom_right", 3, "Seed of the bottom-right cell."),
                 io.Int.Input("rows", default=3, min=1, max=16, tooltip="Cells from top to bottom."),
                 io.Int.Input("columns", default=3, min=1, max=16, tooltip="Cells from left to right."),
                 *latent_size_inputs(),
@@ -159,7 +124,7 @@ class NoiseQuerySeedGrid(io.ComfyNode):
         coords = grid_coordinates(rows, columns)
         report = f"seed grid {rows} x {columns} over corners {corners}\n" + "\n".join(
             f"item {i} (row {i // columns}, column {i % columns}): u={u:.4g} v={v:.4g}" for i, (u, v) in enumerate(coords))
-        return io.NodeOutput(BatchNoise(seed_top_left, len(coords), make), empty_latent(len(coords), width, height),
+        return io.NodeOutput(MadeNoise(seed_top_left, len(coords), make), empty_latent(len(coords), latent_shape(width, height)),
                              report, ui={"text": [report]})
 
 

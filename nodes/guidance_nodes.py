@@ -2,78 +2,47 @@
 
 from __future__ import annotations
 
-import base64
-import io as _io
 import logging
+from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 from comfy_api.latest import io
-from PIL import Image
 
 from ..noisequery_core.errors import HighlightError
-from ..noisequery_core.guidance.highlight import (
-    EMPTY_HIGHLIGHTS,
-    SCHEDULES,
-    Highlight,
-    check_masks,
-    find_phrase_positions,
-    group_highlights,
-    highlight_map,
-    map_centroid_and_area,
-    parse_strokes,
-    preview_shape,
-)
+from ..noisequery_core.guidance.preview import region_preview, summary_lines
+from ..noisequery_core.guidance.regions import phrase_boxes
+from ..noisequery_core.guidance.schedule import SCHEDULES, GuideSettings
+from ..noisequery_core.guidance.strokes import EMPTY_HIGHLIGHTS, Highlight, check_masks, parse_strokes, read_highlights
+from ..noisequery_core.guidance.tokens import phrase_token_columns
+from ._glue import data_url
 from ._validate import numbers_problem, require_numbers
-from .guidance_runtime import GuideSettings, HighlightRuntime, install
+from .guidance_runtime import HighlightRuntime, install
 
 log = logging.getLogger("noisequery")
 
 # A list of (phrase, [H, W] mask) pairs, built by chaining NoiseQueryHighlightMask nodes.
 HighlightsType = io.Custom("NOISEQUERY_HIGHLIGHTS")
 
-# Region colours of the preview output; the widget uses its own palette per phrase.
-PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
-           (240, 50, 230), (210, 245, 60)]
-
 
 # ------------------------------------------------------------------ host-facing helpers
 
 
-def _tokenizer_rows(tokens: dict[str, Any]) -> list[list[int]]:
+def tokenizer_rows(tokens: dict[str, Any]) -> list[list[int]]:
     """Token id rows (one per 77-token chunk) of ``clip.tokenize(text)``, as the conditioning lays them out."""
     key = "l" if "l" in tokens else next(iter(tokens))
     return [[int(t[0]) for t in row] for row in tokens[key]]
 
 
-def _phrase_ids(clip: Any, phrase: str) -> list[int]:
-    """The phrase's token ids without start/end/padding tokens."""
+def phrase_tokenizer(clip: Any) -> Callable[[str], list[int]]:
+    """phrase -> its token ids without start/end/padding tokens, with the CLIP's CLIP-L tokenizer."""
     tk = clip.tokenizer
     sub = getattr(tk, "clip_l", None) or getattr(tk, getattr(tk, "clip", ""), None)
     hf = getattr(sub, "tokenizer", None)
     if hf is None:
         raise HighlightError(f"HighlightScribbleGuide: this CLIP ({type(tk).__name__}) has no CLIP-L tokenizer; "
                              "the guide supports SD1.x and SDXL text encoders")
-    return [int(i) for i in hf(phrase)["input_ids"][1:-1]]
-
-
-def phrase_columns(clip: Any, prompt: str, tokens: dict[str, Any], highlights: list[Highlight]
-                   ) -> tuple[list[list[int]], int]:
-    """Token positions of each highlight's phrase in the prompt (``tokens`` = clip.tokenize(prompt)), and the
-    prompt's token count."""
-    rows = _tokenizer_rows(tokens)
-    total = sum(len(r) for r in rows)
-    cols = []
-    for hl in highlights:
-        ids = _phrase_ids(clip, hl.phrase)
-        pos = find_phrase_positions(rows, ids)
-        if not pos:
-            raise HighlightError(f"HighlightScribbleGuide: the phrase '{hl.phrase}' is not in the prompt "
-                                 f"'{prompt[:120]}'. A highlight's phrase must appear in the prompt word for word "
-                                 "(case and spacing do not matter): edit the prompt, or choose the stroke's phrase again")
-        cols.append(pos)
-    return cols, total
+    return lambda phrase: [int(i) for i in hf(phrase)["input_ids"][1:-1]]
 
 
 def check_model(model: Any) -> Any:
@@ -94,7 +63,7 @@ def check_model(model: Any) -> Any:
     return ms
 
 
-def sigma_to_percent_fn(ms: Any) -> Any:
+def sigma_to_percent_fn(ms: Any) -> Callable[[float], float]:
     """sigma -> sampling progress, the inverse of ComfyUI's percent_to_sigma (1 - timestep / 999)."""
     last = float(len(ms.sigmas) - 1)
 
@@ -103,60 +72,6 @@ def sigma_to_percent_fn(ms: Any) -> Any:
         return min(max(1.0 - t / last, 0.0), 1.0)
 
     return f
-
-
-def _stroke_rgb(hl: Highlight) -> tuple[int, int, int] | None:
-    """The colour the widget gave the phrase's first stroke ("#rrggbb"), so the preview matches the canvas."""
-    for s in hl.strokes:
-        c = (s.color or "").lstrip("#")
-        if len(c) == 6:
-            try:
-                return int(c[0:2], 16), int(c[2:4], 16), int(c[4:6], 16)
-            except ValueError:
-                return None
-    return None
-
-
-def region_preview(highlights: list[Highlight], width: int, height: int, softness: float,
-                   background: torch.Tensor | None) -> torch.Tensor:
-    """An IMAGE [1, H, W, 3] showing each phrase's soft region in its colour (over the background if any)."""
-    h, w = preview_shape(width, height)
-    if background is not None:
-        bg = background[:1].movedim(-1, 1).float()
-        base = torch.nn.functional.interpolate(bg, size=(h, w), mode="bilinear", align_corners=False)[0].movedim(0, -1)
-        base = base * 0.6
-    else:
-        base = torch.full((h, w, 3), 0.08)
-    out = base.clone()
-    for i, hl in enumerate(highlights):
-        m = highlight_map(hl, h, w, width / height, softness)[..., None]
-        col = torch.tensor(_stroke_rgb(hl) or PALETTE[i % len(PALETTE)], dtype=torch.float32) / 255.0
-        out = out * (1 - 0.75 * m) + col * 0.75 * m
-    return out.clamp(0, 1)[None]
-
-
-def background_data_url(image: torch.Tensor, max_side: int = 512) -> str:
-    arr = (image[0].clamp(0, 1).cpu().numpy() * 255).astype(np.uint8)
-    im = Image.fromarray(arr)
-    im.thumbnail((max_side, max_side))
-    buf = _io.BytesIO()
-    im.save(buf, format="JPEG", quality=85)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def phrase_boxes(highlights: list[Highlight], width: int, height: int, softness: float
-                 ) -> list[tuple[int, int, int, int]]:
-    """Each highlight's bounding box in latent cells (h, w, y, x), where its region map is >= 0.5."""
-    lh, lw = max(height // 8, 1), max(width // 8, 1)
-    boxes = []
-    for hl in highlights:
-        m = highlight_map(hl, lh, lw, width / height, softness) >= 0.5
-        rows, cols = torch.nonzero(m.any(1)).reshape(-1), torch.nonzero(m.any(0)).reshape(-1)
-        if rows.numel() == 0:
-            raise HighlightError(f"HighlightScribbleGuide: the region of '{hl.phrase}' is empty at {width}x{height}")
-        y0, y1, x0, x1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
-        boxes.append((y1 - y0, x1 - x0, y0, x0))
-    return boxes
 
 
 def ground_with_gligen(conditioning: list[Any], clip: Any, gligen: Any, highlights: list[Highlight], width: int,
@@ -250,13 +165,13 @@ class HighlightScribbleGuide(io.ComfyNode):
             ],
         )
 
-    # Every number is named (so NaN/inf are refused); numbers_problem re-applies the schema ranges ComfyUI then
-    # skips. None is a linked input, checked when the node runs.
     @classmethod
     def validate_inputs(cls, highlights: str | None = None, strength: float | None = None,
                         start_percent: float | None = None, end_percent: float | None = None,
                         edge_softness: float | None = None, refocus_percent: float | None = None,
                         refocus_step_size: float | None = None) -> bool | str:
+        # Every number is named (so NaN/inf are refused); numbers_problem re-applies the schema ranges ComfyUI then
+        # skips (nodes/_validate.py). None is a linked input, checked when the node runs.
         bad = numbers_problem(cls, locals())
         if bad:
             return bad
@@ -277,16 +192,10 @@ class HighlightScribbleGuide(io.ComfyNode):
         require_numbers(cls, locals())  # the arguments by name: linked values were not there to check at queue time
         if end_percent <= start_percent:
             raise HighlightError(f"end_percent ({end_percent}) must be greater than start_percent ({start_percent})")
-        strokes = parse_strokes(highlights)
-        masks = list(mask_highlights or [])
-        check_masks(masks)
-        groups = group_highlights(strokes, masks)
-        if not groups:
-            raise HighlightError("HighlightScribbleGuide: no highlights. Draw a stroke on the node's canvas for a phrase "
-                                 "of the prompt, or connect NoiseQuery Highlight Mask nodes to mask_highlights")
+        groups = read_highlights(highlights, list(mask_highlights or []))
         ms = check_model(model)
         tokens = clip.tokenize(prompt)
-        columns, total = phrase_columns(clip, prompt, tokens, groups)
+        columns, total = phrase_token_columns(groups, tokenizer_rows(tokens), phrase_tokenizer(clip), prompt)
         conditioning = clip.encode_from_tokens_scheduled(tokens)
         ctx_len = int(conditioning[0][0].shape[1])
         if ctx_len != total:
@@ -299,16 +208,11 @@ class HighlightScribbleGuide(io.ComfyNode):
                                  refocus_iterations=refocus_iterations, refocus_step_size=refocus_step_size)
         runtime = HighlightRuntime(groups, columns, ctx_len, settings, sigma_to_percent_fn(ms), width / height)
         patched = install(model, runtime)
-        lines = []
-        for hl, cols in zip(groups, columns):
-            cx, cy, area = map_centroid_and_area(highlight_map(hl, 64, max(8, round(64 * width / height)),
-                                                               width / height, edge_softness))
-            lines.append(f"{hl.describe()}: tokens {cols[:8]}{'...' if len(cols) > 8 else ''}, centre "
-                         f"({cx:.2f}, {cy:.2f}), {area * 100:.0f}% of the image")
+        lines = summary_lines(groups, columns, width, height, edge_softness)
         log.info("HighlightScribbleGuide: %s", "; ".join(lines))
         ui: dict[str, list[Any]] = {"text": ["\n".join(lines)]}
         if background is not None:
-            ui["highlight_background"] = [background_data_url(background)]
+            ui["highlight_background"] = [data_url(background)]
         preview = region_preview(groups, width, height, edge_softness, background)
         return io.NodeOutput(patched, conditioning, preview, ui=ui)
 

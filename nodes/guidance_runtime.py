@@ -11,10 +11,13 @@ How it attaches (and why it composes with other packs):
   style) computes attention itself without this wrapper: those layers are left unguided, which
   ``HighlightRuntime.layers_seen`` lets the node report.
 * Refocusing is a PREDICT_NOISE wrapper (ComfyUI's wrapper list, so it also composes): in its
-  steps it runs the positive conditioning once with gradients, takes the loss of
-  noisequery_core.guidance.highlight.refocus_loss on the captured attention maps, moves the latent
-  against the gradient, predicts from the moved latent and returns that prediction shifted by
-  the move (the sampler keeps its own x, so the move is carried in the denoised estimate).
+  steps it runs the positive conditioning once with gradients, takes the refocus loss
+  (noisequery_core.guidance.refocus) on the captured attention maps, moves the latent against
+  the gradient, predicts from the moved latent and returns that prediction shifted by the move
+  (the sampler keeps its own x, so the move is carried in the denoised estimate).
+
+The maths (regions, bias, masks, attention maps, loss, step) is noisequery_core.guidance; this
+module only adapts ComfyUI's calling conventions and state to it.
 """
 
 from __future__ import annotations
@@ -23,21 +26,23 @@ import contextlib
 import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ..noisequery_core.guidance.highlight import (
-    BIAS_INSIDE,
-    BIAS_OUTSIDE,
-    Highlight,
+from ..noisequery_core.guidance.attention import (
     attention_bias,
-    guidance_weight,
-    highlight_map,
-    level_shape,
-    refocus_loss,
+    combine_masks,
+    cond_rows,
+    merge_heads,
+    phrase_attention,
+    split_heads,
+    tile_keys,
 )
+from ..noisequery_core.guidance.refocus import PhraseAttention, refocus_loss_over_layers, refocus_step
+from ..noisequery_core.guidance.regions import level_shape, region_stack
+from ..noisequery_core.guidance.schedule import GuideSettings
+from ..noisequery_core.guidance.strokes import Highlight
 
 log = logging.getLogger("noisequery")
 
@@ -46,26 +51,12 @@ CAPTURE_KEY = "noisequery_highlight_capture"
 WRAPPER_KEY = "noisequery_highlight"
 
 
-@dataclass(frozen=True)
-class GuideSettings:
-    strength: float = 1.0
-    start_percent: float = 0.0
-    end_percent: float = 0.6
-    schedule: str = "cosine"
-    softness: float = 0.5
-    inside: float = BIAS_INSIDE
-    outside: float = BIAS_OUTSIDE
-    refocus_steps_percent: float = 0.0  # refocus while percent < start + this
-    refocus_iterations: int = 0
-    refocus_step_size: float = 0.05
-
-
 class _Capture:
     """Where refocusing collects attention maps. Not a list or dict on purpose: ComfyUI's
     merge_nested_dicts copies those when it assembles transformer_options."""
 
     def __init__(self) -> None:
-        self.records: list[Any] = []
+        self.records: list[PhraseAttention] = []
 
 
 class HighlightRuntime:
@@ -100,29 +91,27 @@ class HighlightRuntime:
         with self._lock:
             got = self._maps.get((h, w))
             if got is None:
-                got = torch.stack([highlight_map(hl, h, w, self.aspect, self.settings.softness).reshape(-1)
-                                   for hl in self.highlights])
+                got = region_stack(self.highlights, h, w, self.aspect, self.settings.softness)
                 self._maps[(h, w)] = got
             return got
 
+    def percent_at(self, sigma: torch.Tensor) -> float:
+        return self.sigma_to_percent(float(sigma.reshape(-1).max()))
+
     def weight_at(self, sigma: torch.Tensor | None) -> float:
-        if sigma is None:
-            return 0.0
-        pct = self.sigma_to_percent(float(sigma.reshape(-1).max()))
-        s = self.settings
-        return s.strength * guidance_weight(pct, s.start_percent, s.end_percent, s.schedule)
+        return 0.0 if sigma is None else self.settings.weight_at(self.percent_at(sigma))
 
     def bias_for(self, h: int, w: int, n_keys: int, weight: float, device: torch.device, dtype: torch.dtype
                  ) -> torch.Tensor:
-        """[h*w, n_keys] bias on ``device``; keys beyond our prompt's length repeat it (ComfyUI tiles conds to a
-        common length). Cached per device and dtype, so a step's many attention calls transfer it once."""
+        """[h*w, n_keys] bias on ``device``. Cached per device and dtype, so a step's many attention calls
+        transfer it once."""
         key = (h, w, n_keys, round(weight, 6), str(device), dtype)
         with self._lock:
             got = self._bias.get(key)
         if got is None:
             base = attention_bias(self.regions(h, w), self.token_columns, self.context_len, weight,
                                   self.settings.inside, self.settings.outside)
-            got = base.repeat(1, n_keys // self.context_len).to(device, dtype)
+            got = tile_keys(base, n_keys).to(device, dtype)
             with self._lock:
                 if len(self._bias) > 64:
                     self._bias.clear()
@@ -156,69 +145,32 @@ class HighlightRuntime:
         capture = to.get(CAPTURE_KEY)
         if weight == 0.0 and capture is None:
             return self._next(func, args, kwargs)
-        b = q.shape[0]
-        cou = list(to.get("cond_or_uncond") or [0])
-        per = max(b // max(len(cou), 1), 1)
-        is_cond = torch.tensor([cou[min(i // per, len(cou) - 1)] == 0 for i in range(b)], device=q.device)
-        full = None
+        rows = cond_rows(q.shape[0], to.get("cond_or_uncond") or [0], device=q.device)
+        bias = None
         if weight != 0.0:
             bias = self.bias_for(grid[0], grid[1], nk, weight, q.device, q.dtype)
-            full = bias[None] * is_cond[:, None, None].to(q.dtype)  # [B, Nq, Nk]; uncond rows unbiased
             self.layers_seen += 1
-        if mask is not None and full is not None:
-            if mask.dtype == torch.bool:
-                mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
-            full = full + mask.to(q.dtype) if mask.ndim <= 3 else full[:, None] + mask.to(q.dtype)
-        elif full is None:
-            full = mask
+        full = combine_masks(bias, rows, mask)
         kwargs["mask"] = full
         if capture is not None:
             return self._explicit_attention(q, k, v, heads, full, skip, bool(kwargs.get("skip_output_reshape", False)),
-                                            grid, is_cond, capture)
+                                            grid, rows, capture)
         return self._next(func, args, kwargs)
 
-    def _explicit_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, bias: Any,
-                            skip: bool, skip_out: bool, grid: tuple[int, int], is_cond: torch.Tensor,
-                            capture: _Capture) -> torch.Tensor:
-        """Differentiable attention that records each phrase's attention per pixel (refocusing)."""
-        if skip:
-            b, _, n, dh = q.shape
-            qh, kh, vh = q, k, v
-        else:
-            b, n, inner = q.shape
-            dh = inner // heads
-            qh, kh, vh = (t.reshape(t.shape[0], -1, heads, dh).transpose(1, 2) for t in (q, k, v))
-        sim = (qh.float() @ kh.float().transpose(-1, -2)) * dh ** -0.5
-        if bias is not None:
-            bb = bias.float()
-            sim = sim + (bb[:, None] if bb.ndim == 3 else bb)
-        p = sim.softmax(-1)
-        out = (p.to(vh.dtype) @ vh)
-        probs = [p[..., [c for c in cols if c < p.shape[-1]]].sum(-1).mean(1) for cols in self.token_columns]  # [B, N]
-        capture.records.append((grid, is_cond, probs))
-        if skip_out:
-            return out
-        return out.transpose(1, 2).reshape(b, n, heads * dh)
+    def _explicit_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
+                            mask: torch.Tensor | None, skip: bool, skip_out: bool, grid: tuple[int, int],
+                            rows: torch.Tensor, capture: _Capture) -> torch.Tensor:
+        """Differentiable attention that records each phrase's attention per pixel (refocusing), in the layout
+        ComfyUI's attention functions take (skip_reshape: heads already split) and give back."""
+        qh, kh, vh = (q, k, v) if skip else (split_heads(t, heads) for t in (q, k, v))
+        out, probs = phrase_attention(qh, kh, vh, mask, self.token_columns)
+        capture.records.append(PhraseAttention(grid, rows, probs))
+        return out if skip_out else merge_heads(out)
 
     # -------------------------------------------------------------- refocusing (PREDICT_NOISE wrapper)
 
     def refocus_active(self, sigma: torch.Tensor) -> bool:
-        s = self.settings
-        if s.refocus_iterations <= 0 or s.refocus_steps_percent <= 0:
-            return False
-        pct = self.sigma_to_percent(float(sigma.reshape(-1).max()))
-        return s.start_percent - 1e-9 <= pct < s.start_percent + s.refocus_steps_percent
-
-    def refocus_loss_of(self, captured: list[Any]) -> torch.Tensor:
-        losses = []
-        for grid, is_cond, probs in captured:
-            regions = self.regions(*grid).to(probs[0].device)
-            for i, pr in enumerate(probs):
-                sel = pr[is_cond] if bool(is_cond.any()) else pr
-                losses.append(refocus_loss(sel.float(), regions[i]))
-        if not losses:
-            raise RuntimeError("refocusing captured no cross-attention maps")
-        return torch.stack(losses).mean()
+        return self.settings.refocus_at(self.percent_at(sigma))
 
     def predict_noise_wrapper(self, executor: Any, x: torch.Tensor, timestep: torch.Tensor,
                               model_options: dict[str, Any], seed: Any) -> torch.Tensor:
@@ -240,11 +192,10 @@ class HighlightRuntime:
                 mo["transformer_options"] = dict(model_options.get("transformer_options", {}))
                 mo["transformer_options"][CAPTURE_KEY] = captured
                 comfy.samplers.calc_cond_batch(guider.inner_model, [positive], x_, timestep.detach().clone(), mo)
-                loss = self.refocus_loss_of(captured.records)
+                loss = refocus_loss_over_layers(captured.records, self.regions)
                 self.refocus_losses = [*self.refocus_losses[-63:], (sigma, it, float(loss.detach()))]
                 (grad,) = torch.autograd.grad(loss, x_)
-                g = grad / grad.pow(2).mean().sqrt().clamp_min(1e-12)
-                x_ = (x_ - s.refocus_step_size * sigma * g).detach().requires_grad_(True)
+                x_ = refocus_step(x_, grad, s.refocus_step_size, sigma).detach().requires_grad_(True)
                 self.refocus_calls += 1
             moved = x_.detach()
         moved = moved.clone()  # a normal tensor again for the inference-mode sampler
@@ -285,7 +236,7 @@ def install(model: Any, runtime: HighlightRuntime) -> Any:
     runtime.previous_override = to.get(OVERRIDE_KEY)
     to[OVERRIDE_KEY] = runtime
     m.model_options["transformer_options"] = to
-    if runtime.settings.refocus_iterations > 0 and runtime.settings.refocus_steps_percent > 0:
+    if runtime.settings.refocuses:
         m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREDICT_NOISE, WRAPPER_KEY,
                                runtime.predict_noise_wrapper)
     return m

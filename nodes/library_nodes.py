@@ -12,17 +12,17 @@ from comfy_api.latest import io, ui
 
 from ..noisequery_core import (
     NOISE_COMFYUI_CPU,
-    Cancelled,
     ClipSpec,
     FeatureExtractor,
     GenerationKey,
     Library,
+    NoiseQueryError,
     feature_set,
 )
 from ..noisequery_core.library.build import build_seeds
 from ..noisequery_core.library.paths import check_library_name, resolve_library
-from ..noisequery_core.library.storage import SEED_MAX
 from . import _host
+from ._glue import SEED_MAX, load_thumbnails
 from ._validate import numbers_problem, require_numbers
 from .sampling import SeedRenderer
 
@@ -102,9 +102,11 @@ class BuildNoiseLibrary(io.ComfyNode):
     ) -> io.NodeOutput:
         require_numbers(cls, {"cfg": cfg})  # a linked value was not there to check at queue time
         if width % 8 or height % 8:
-            raise ValueError(f"BuildNoiseLibrary: width {width} and height {height} must be multiples of 8 (the latent is 1/8 of the image).")
+            raise NoiseQueryError(f"BuildNoiseLibrary: width {width} and height {height} must be multiples of 8 (the latent "
+                                  f"is 1/8 of the image); use e.g. {width - width % 8 or 8}x{height - height % 8 or 8}.")
         if seed_start + count - 1 > SEED_MAX:
-            raise ValueError(f"seed_start {seed_start} + count {count} runs past the largest seed {SEED_MAX}; lower one of them.")
+            raise NoiseQueryError(f"BuildNoiseLibrary: seed_start {seed_start} + count {count} runs past the largest seed "
+                                  f"{SEED_MAX}; lower seed_start or count.")
         path = resolve_library(_host.library_roots(), library_name, must_exist=False)
         uid = cls.hidden.unique_id if cls.hidden else None
         dyn = cls.hidden.dynprompt if cls.hidden else None
@@ -135,13 +137,13 @@ class BuildNoiseLibrary(io.ComfyNode):
         extractor = FeatureExtractor(lib.features, embedder)
         seeds = range(int(seed_start), int(seed_start) + int(count))
         todo = len(seeds) - int(lib.contains(np.fromiter(seeds, dtype=np.uint64, count=len(seeds))).sum())
-        # Progress in sampling steps over the whole run, updated at every step (each update is also
-        # an interrupt point in ComfyUI); the last finished batch is the preview.
-        progress = _host.Progress(todo * steps, uid)
+        # Progress in sampling steps over the whole run, updated at every step (in ComfyUI's server each
+        # update is also an interrupt point); the last finished batch is the preview.
+        work = _host.NodeWork(uid, todo * steps)
         state: dict[str, Any] = {"done": 0, "batch": 0}
 
         def on_step(fraction: float) -> None:
-            progress(int((state["done"] + fraction * state["batch"]) * steps), todo * steps)
+            work.progress(int((state["done"] + fraction * state["batch"]) * steps), todo * steps)
 
         def render(batch: list[int]) -> Any:
             state["batch"] = len(batch)
@@ -153,15 +155,13 @@ class BuildNoiseLibrary(io.ComfyNode):
         def on_batch(batch: list[int], images: Any) -> None:
             state["done"] += len(batch)
             last["images"] = images
-            progress.preview = ("JPEG", images[-1], 512)
-            progress(state["done"] * steps, todo * steps)
+            work.preview = ("JPEG", images[-1], 512)
+            work.progress(state["done"] * steps, todo * steps, f"{state['done']}/{todo} seeds")
 
-        try:
-            rep = build_seeds(lib, seeds, render, extractor, batch_size=batch_size,
-                              check_cancel=_host.interrupted, on_batch=on_batch)
-        except Cancelled:
-            _host.raise_if_interrupted()  # reports "interrupted" to ComfyUI the usual way
-            raise
+        # An interrupt raises ComfyUI's own exception out of build_seeds once the finished batches are
+        # committed, so ComfyUI reports "interrupted" and a re-queue continues.
+        rep = build_seeds(lib, seeds, render, extractor, batch_size=batch_size, check_cancel=work.check_cancel,
+                          on_batch=on_batch)
         report = (
             f"{library_name}: {rep.summary()}\n{lib.count} entries in {lib.path}\n"
             f"sampling strategy: {renderer.strategy}\ngeneration key: {lib.generation.describe()}\n"
@@ -199,8 +199,6 @@ class NoiseQueryLibraryInfo(io.ComfyNode):
 
     @classmethod
     def execute(cls, library: str, preview_count: int) -> io.NodeOutput:
-        from .search_nodes import load_thumbnails
-
         lib = _host.open_library(library)
         info = lib.info()
         text = (

@@ -16,12 +16,12 @@ from typing import Any
 import comfy.model_management
 import comfy.sample
 import comfy.samplers
-import numpy as np
 import torch
 from comfy.k_diffusion.sampling import BrownianTreeNoiseSampler
 from PIL import Image
 
 from ..noisequery_core.noise import batch_noise
+from ._glue import latent_shape, to_pil
 
 # No per-step randomness: a batch equals its items run alone.
 BATCH_PLAIN = {
@@ -76,11 +76,6 @@ def decode(vae: Any, samples: torch.Tensor) -> torch.Tensor:
     return images
 
 
-def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    arr = (images.detach().cpu().float().clamp(0, 1).numpy() * 255.0 + 0.5).astype(np.uint8)
-    return [Image.fromarray(a[..., :3]) for a in arr]
-
-
 class SeedRenderer:
     """render(seeds) -> decoded images, each equal to a batch-1 KSampler run of that seed."""
 
@@ -103,7 +98,7 @@ class SeedRenderer:
         self.positive, self.negative = positive, negative
         self.steps, self.cfg = steps, cfg
         self.sampler_name, self.scheduler = sampler_name, scheduler
-        empty = torch.zeros([1, 4, height // 8, width // 8])
+        empty = torch.zeros((1, *latent_shape(width, height)))
         self.latent_shape = tuple(comfy.sample.fix_empty_latent_channels(model, empty).shape[1:])
         self.on_progress = on_progress  # fraction (0..1) of the current render call done
         self._part = (0, 1)  # (index, count) of the sampling call inside the current render call

@@ -9,15 +9,13 @@ from typing import Any
 import numpy as np
 import torch
 from comfy_api.latest import io
-from PIL import Image
 
-from ..noisequery_core import Library, Query, QueryError, RegionTarget, StatTarget
-from ..noisequery_core.library.storage import SEED_MAX
-from ..noisequery_core.noise import batch_noise
+from ..noisequery_core import Query, QueryError, RegionTarget, StatTarget
 from ..noisequery_core.search import color
 from ..noisequery_core.search.color import parse_hex_color
 from ..noisequery_core.search.query import Hit, format_report
 from . import _host
+from ._glue import SEED_MAX, SeedNoise, empty_latent, load_thumbnails, to_uint8
 from ._validate import numbers_problem, require_numbers
 
 log = logging.getLogger("noisequery")
@@ -25,44 +23,6 @@ log = logging.getLogger("noisequery")
 QueryType = io.Custom("NOISEQUERY_QUERY")
 MAX_TOP_K = 64
 STAT_OFF = -1.0
-
-
-class NoiseQueryNoise:
-    """A NOISE for SamplerCustomAdvanced: item i of the latent batch gets the noise KSampler
-    would use for ``seeds[i % len(seeds)]`` at batch size 1 (noisequery_core.noise)."""
-
-    def __init__(self, seeds: list[int]):
-        self.seeds = seeds
-        self.seed = seeds[0]  # drives per-step noise of stochastic samplers, as RandomNoise's seed does
-
-    def generate_noise(self, input_latent: dict[str, Any]) -> torch.Tensor:
-        samples = input_latent["samples"]
-        b = samples.shape[0]
-        seeds = [self.seeds[i % len(self.seeds)] for i in range(b)]
-        return batch_noise(seeds, tuple(samples.shape[1:]), dtype=samples.dtype)
-
-
-def load_thumbnails(lib: Library, seeds: list[int]) -> torch.Tensor:
-    """Hits' thumbnails as an IMAGE batch (one size; black where a thumbnail is missing)."""
-    size = lib.features.thumbnail_size or 64
-    shape = lib.generation.latent_shape
-    if shape:
-        h, w = shape[1] * 8, shape[2] * 8
-        scale = size / max(h, w)
-        tw, th = max(8, round(w * scale)), max(8, round(h * scale))
-    else:
-        tw = th = size
-    out = []
-    for s in seeds:
-        p = lib.thumbnail_path(s)
-        if p is None:
-            out.append(np.zeros((th, tw, 3), np.float32))
-            continue
-        with Image.open(p) as im:
-            out.append(np.asarray(im.convert("RGB").resize((tw, th), Image.Resampling.BICUBIC), np.float32) / 255.0)
-    if not out:
-        return torch.zeros((1, th, tw, 3))
-    return torch.from_numpy(np.stack(out))
 
 
 def _common_inputs() -> list[Any]:
@@ -143,10 +103,10 @@ def run_query(library: str, query: Query, rank_offset: int, model: Any) -> io.No
     if not shape:
         shape = (4, 64, 64)
         notes.append("note: the library does not record a latent size (imported images); the latent output is 512×512.")
-    latent = {"samples": torch.zeros((len(seeds), *shape))}
+    latent = empty_latent(len(seeds), shape)
     report = "\n".join(notes + [f"library {library}: {lib.count} entries; showing hits {rank_offset}..{rank_offset + len(window) - 1}",
                                 format_report(hits)])
-    return io.NodeOutput(seeds[0], NoiseQueryNoise(seeds), latent, load_thumbnails(lib, seeds), report, query,
+    return io.NodeOutput(seeds[0], SeedNoise(seeds), latent, load_thumbnails(lib, seeds), report, query,
                          ui={"text": [report]})
 
 
@@ -203,8 +163,7 @@ class NoiseQueryText(io.ComfyNode):
 
 
 def _layout_of(image: torch.Tensor) -> np.ndarray:
-    arr = (image[0].detach().cpu().float().clamp(0, 1).numpy() * 255 + 0.5).astype(np.uint8)
-    return color.analyse([arr]).layout[0]
+    return color.analyse([to_uint8(image[:1])[0]]).layout[0]
 
 
 class NoiseQueryColor(io.ComfyNode):

@@ -10,10 +10,11 @@ import argparse
 import json
 import logging
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from tqdm import tqdm
 
 from .errors import NoiseQueryError
 from .search import color
@@ -21,30 +22,36 @@ from .search import color
 DEFAULT_CLIP_CACHE = Path.home() / ".cache" / "noisequery" / "clip"
 
 
-class Progress:
-    """A small stderr progress bar: redrawn in place on a terminal, a line every ~10% otherwise."""
+class BarProgress:
+    """The core's ``progress(done, total, message)`` (noisequery_core.work) as a tqdm bar on stderr.
 
-    def __init__(self, label: str, enabled: bool = True):
-        self.label = label
-        self.enabled = enabled
-        self.tty = sys.stderr.isatty()
-        self.start = time.monotonic()
-        self._last = -1
+    Use as a context manager so the bar is closed however the command ends; ``enabled=False``
+    (``--quiet``) draws nothing.
+    """
 
-    def __call__(self, done: int, total: int) -> None:
-        if not self.enabled or total <= 0:
+    def __init__(self, label: str, enabled: bool = True, unit: str = "it"):
+        self.label, self.enabled, self.unit = label, enabled, unit
+        self._bar: tqdm | None = None
+
+    def __call__(self, done: int, total: int, message: str = "") -> None:
+        if not self.enabled:
             return
-        pct = int(100 * done / total)
-        if not self.tty and pct // 10 == self._last // 10 and done != total:
-            return
-        self._last = pct
-        rate = done / max(time.monotonic() - self.start, 1e-6)
-        bar = "#" * (pct // 4) + "-" * (25 - pct // 4)
-        msg = f"{self.label} [{bar}] {done}/{total} ({rate:.1f}/s)"
-        sys.stderr.write(("\r" + msg) if self.tty else msg + "\n")
-        if self.tty and done == total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
+        if self._bar is None:
+            self._bar = tqdm(total=total, desc=self.label, unit=self.unit, file=sys.stderr, dynamic_ncols=True)
+        bar = self._bar
+        if bar.total != total:  # a stage with another size (e.g. the index after the import)
+            bar.reset(total=total)
+        if message:
+            bar.set_postfix_str(message, refresh=False)
+        bar.update(done - bar.n)
+
+    def __enter__(self) -> BarProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
 
 def _clip_from_args(args: argparse.Namespace) -> Any:
@@ -60,16 +67,17 @@ def cmd_import(args: argparse.Namespace) -> Any:
     from .library.ingest import import_folder
 
     embedder = _clip_from_args(args)
-    rep = import_folder(
-        args.images,
-        args.library,
-        embedder=embedder,
-        thumbnail_size=args.thumbnail_size,
-        thumbnail_format=args.thumbnail_format,
-        batch_size=args.batch_size,
-        workers=args.workers,
-        progress=Progress("import", not args.quiet),
-    )
+    with BarProgress("import", not args.quiet, "img") as progress:
+        rep = import_folder(
+            args.images,
+            args.library,
+            embedder=embedder,
+            thumbnail_size=args.thumbnail_size,
+            thumbnail_format=args.thumbnail_format,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            progress=progress,
+        )
     return rep.to_json() if args.json else rep.summary()
 
 
@@ -179,28 +187,33 @@ def cmd_verify(args: argparse.Namespace) -> Any:
 def cmd_merge(args: argparse.Namespace) -> Any:
     from .library.maintenance import merge
 
-    rep = merge(args.sources, args.into, progress=Progress("merge", not args.quiet))
+    with BarProgress("merge", not args.quiet, "entry") as progress:
+        rep = merge(args.sources, args.into, progress=progress)
     return rep.to_json() if args.json else f"merged {rep.added} entries into {args.into} ({rep.overlapping} overlapping seeds skipped)"
 
 
 def cmd_index(args: argparse.Namespace) -> Any:
     from .library.storage import Library
-    from .search.index import EXACT_MAX, ensure_index
+    from .search.index import EXACT_MAX, IVF_MIN_ROWS, ensure_index, exact_note
 
     lib = Library.open(args.library)
     if not lib.has_clip:
         raise NoiseQueryError(f"Library {lib.path} has no CLIP features; there is nothing to index.")
+    if lib.count < IVF_MIN_ROWS:
+        note = exact_note(lib.count)
+        return {"index": "exact", "count": lib.count, "note": note} if args.json else note
     if lib.count <= EXACT_MAX and not args.force:
         return {"index": "exact", "count": lib.count} if args.json else f"{lib.count} entries: searched exactly, no index needed"
-    with lib.writer():
-        _, info = ensure_index(lib, persist=True, progress=Progress("index", not args.quiet))
+    with lib.writer(), BarProgress("index", not args.quiet, "row") as progress:
+        _, info = ensure_index(lib, persist=True, progress=progress)
     return info.to_json() if args.json else f"index {info.kind} nlist={info.nlist} nprobe={info.nprobe} recall@10={info.recall_at_10:.3f}"
 
 
 def cmd_demo(args: argparse.Namespace) -> Any:
     from .demo import run_demo
 
-    summary = run_demo(args.out, count=args.count, clip_cache=args.clip_cache, progress=Progress("import", not args.quiet))
+    with BarProgress("import", not args.quiet, "img") as progress:
+        summary = run_demo(args.out, count=args.count, clip_cache=args.clip_cache, progress=progress)
     if args.json:
         return summary
     lines = [f"imported {summary['import']['added']} new images into {summary['library']} ({summary['entries']} entries, CLIP {summary['clip']})"]
@@ -296,6 +309,11 @@ def main(argv: Sequence[str] | None = None, *, out: Callable[[str], None] | None
         result = args.func(args)
     except NoiseQueryError as exc:
         sys.stderr.write(f"error: {exc}\n")
+        return 2
+    except OSError as exc:  # the core turns the OS errors it expects into NoiseQueryError; this is the rest
+        from .library.safefs import os_error
+
+        sys.stderr.write(f"error: {os_error(exc, exc.filename or '(unknown file)', 'use')}\n")
         return 2
     except KeyboardInterrupt:
         sys.stderr.write("interrupted: committed work is kept; run the same command again to continue\n")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from .library.ingest import import_folder
 from .library.storage import Library
 from .search.clip import ClipSpec, load_clip, local_weight_candidates
 from .search.query import Hit, Query, Searcher, StatTarget
+from .work import CheckCancel, Progress, never_cancel, no_progress
 
 log = logging.getLogger("noisequery")
 
@@ -76,9 +76,13 @@ def run_demo(
     *,
     count: int = 300,
     clip_cache: str | Path | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress = no_progress,
+    check_cancel: CheckCancel = never_cancel,
 ) -> dict[str, Any]:
-    """Run the whole pipeline on synthetic seed images; returns a summary (also written as JSON)."""
+    """Run the whole pipeline on synthetic seed images; returns a summary (also written as JSON).
+
+    ``progress`` and ``check_cancel`` (noisequery_core.work) follow the import of the images.
+    """
     out = Path(out)
     images = out / "images"
     make_sample_folder(images, count)
@@ -86,7 +90,8 @@ def run_demo(
     real = any(p.is_file() for p in local_weight_candidates(cache, "ViT-B-32", "openai"))
     spec = ClipSpec("ViT-B-32", "openai" if real else "random")
     embedder = load_clip(spec, cache_dir=cache, allow_download=False)
-    report = import_folder(images, out / "library", embedder=embedder, batch_size=32, progress=progress)
+    report = import_folder(images, out / "library", embedder=embedder, batch_size=32, progress=progress,
+                           check_cancel=check_cancel)
     lib = Library.open(out / "library")
     searcher = Searcher(lib, embedder=embedder)
     queries: list[tuple[str, Query]] = [

@@ -36,7 +36,7 @@ class MissingDependencyError(NoiseQueryError):
 
 
 class Cancelled(NoiseQueryError):
-    """Long work was cancelled through the injected ``check_cancel`` callable.
+    """Raised by a host's ``check_cancel`` (see noisequery_core.work) to stop long work.
 
     Work committed before the cancel point is kept; the operation can be resumed.
     """

@@ -523,7 +523,7 @@ def run_and_shoot(browser: Any, server: comfy_harness.ComfyServer, ui_file: Path
     page.js("([r, z]) => __nq.fit(r, z)", [list(FIT_RECT), MAX_ZOOM])
     known = set(server.history())
     t0 = time.perf_counter()
-    page.page.click("[data-testid=queue-button] button[aria-label=Run]")
+    page.page.click(comfy_harness.RUN_BUTTON)
     deadline = time.monotonic() + 300
     entry = None
     while time.monotonic() < deadline:

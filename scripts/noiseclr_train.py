@@ -132,10 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     every = max(1, a.iterations // 100)
 
-    def progress(done: int, total: int, loss: float) -> None:
+    def progress(done: int, total: int, message: str = "") -> None:
         if done % every == 0 or done == total:
             rate = (time.perf_counter() - t0) / max(done, 1)
-            log.info("iteration %d/%d  loss %.4f  (%.2f s/iteration so far)", done, total, loss, rate)
+            log.info("iteration %d/%d  %s  (%.2f s/iteration so far)", done, total, message, rate)
 
     signal.signal(signal.SIGINT, on_sigint)
     with torch.inference_mode():  # as ComfyUI runs nodes; training switches it off where it needs autograd

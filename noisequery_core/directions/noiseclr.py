@@ -26,13 +26,14 @@ tensors, written atomically every ``checkpoint_every`` iterations.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import hashlib
 import json
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,13 +44,17 @@ import torch
 from ..checks import number_problem
 from ..errors import NoiseCLRError
 from ..library.manifest import atomic_write_bytes
+from ..work import CheckCancel, Progress, never_cancel, no_progress
 
 log = logging.getLogger("noisequery")
 
 FORMAT = "noisequery.noiseclr"
 FORMAT_VERSION = 1
 META_KEY = "noiseclr"
-CHECKPOINT_SUFFIX = ".checkpoint.safetensors"
+# A checkpoint is "<name>.safetensors.checkpoint": directions files always end in ".safetensors",
+# so no directions name can collide with a checkpoint, and every directions file is listed.
+CHECKPOINT_SUFFIX = ".safetensors.checkpoint"
+MAX_NAME_PART = 100  # characters per folder/file part of a directions name (+ suffixes stays < 255 bytes)
 MAX_DIRECTIONS = 256
 # Direction tokens start as the text encoder's output (values of a few tens) and move by small Adam steps; a file
 # holding a value beyond this is damaged or not trained by NoiseQuery, and would give black images.
@@ -57,7 +62,6 @@ MAX_ABS_VALUE = 1e4
 FLOAT_SETTINGS = ("learning_rate", "temperature", "init_noise")
 
 PredictNoise = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-ProgressFn = Callable[[int, int, float], None]
 
 # Adam constants (fixed: part of what makes a resumed run equal an uninterrupted one).
 ADAM_BETAS = (0.9, 0.999)
@@ -345,10 +349,27 @@ def parse_names(text: str, count: int | None = None) -> dict[int, str]:
 
 
 def checkpoint_path_for(path: str | Path) -> Path:
-    """Where the resumable checkpoint of directions file ``path`` lives (same folder)."""
+    """Where the resumable checkpoint of directions file ``path`` lives (same folder, ``CHECKPOINT_SUFFIX``)."""
     p = Path(path)
     stem = p.name[: -len(".safetensors")] if p.name.endswith(".safetensors") else p.name
     return p.with_name(stem + CHECKPOINT_SUFFIX)
+
+
+def check_directions_name(name: str) -> str:
+    """A directions name without ``.safetensors``, or NoiseCLRError saying why it cannot be a file name."""
+    clean = name.strip()
+    if clean.endswith(".safetensors"):
+        clean = clean[: -len(".safetensors")]
+    if "\x00" in clean:
+        raise NoiseCLRError(f"name {name!r} contains a NUL character; use a plain file name like 'faces_8'.")
+    parts = clean.replace("\\", "/").split("/")
+    if not clean or any(not p for p in parts):
+        raise NoiseCLRError(f"name {name!r}: use a plain file name like 'faces_8' (sub-folders with '/' are fine).")
+    for p in parts:
+        if len(p) > MAX_NAME_PART:
+            raise NoiseCLRError(f"name {name[:40]!r}…: the part {p[:20]!r}… has {len(p)} characters; at most "
+                                f"{MAX_NAME_PART} are allowed (the file system limits file names).")
+    return clean
 
 
 def data_fingerprint(arrays: Sequence[np.ndarray]) -> str:
@@ -411,6 +432,18 @@ def _save_checkpoint(path: Path, st: _State, template: Directions) -> None:
     d = dataclasses.replace(template, directions=st.params, iterations_done=st.iteration, loss_history=list(st.losses))
     save_directions(path, d, kind="checkpoint",
                     extra_tensors={"adam_m": st.m, "adam_v": st.v, "adam_steps": st.steps})
+
+
+@contextlib.contextmanager
+def _checkpoint_on_stop(path: Path | None, st: _State, template: Directions) -> Iterator[None]:
+    """Around a host callback (check_cancel, progress): if it raises, checkpoint the finished iterations first."""
+    try:
+        yield
+    except BaseException:
+        if path is not None:
+            _save_checkpoint(path, st, template)
+            log.info("NoiseCLR: stopped after iteration %d; checkpoint %s", st.iteration, path)
+        raise
 
 
 def _load_checkpoint(path: Path, template: Directions, device: torch.device) -> _State:
@@ -498,8 +531,8 @@ def train_directions(
     base_model: dict[str, Any] | None = None,
     data: dict[str, Any] | None = None,
     names: Sequence[str] = (),
-    progress: ProgressFn | None = None,
-    check_cancel: Callable[[], None] | None = None,
+    progress: Progress = no_progress,
+    check_cancel: CheckCancel = never_cancel,
     device: torch.device | str | None = None,
 ) -> Directions:
     """Learn ``settings.num_directions`` directions on ``latents`` with the NoiseCLR loss.
@@ -516,9 +549,9 @@ def train_directions(
         resume: continue from ``checkpoint_path`` when it exists (same settings, model and data), else start over.
         base_model / data: identity of the model and images, stored in the file and checked on resume.
         names: optional names of the directions.
-        progress: ``progress(done, total, loss)`` after each iteration.
-        check_cancel: called before each iteration; raising from it stops the run (a checkpoint of the
-            last finished iteration is written first, when checkpoint_path is set).
+        progress: ``progress(iterations done, total, "loss 1.2345")`` after each iteration (noisequery_core.work).
+        check_cancel: called before each iteration; whatever it raises stops the run, after a checkpoint of
+            the last finished iteration is written (when checkpoint_path is set), and propagates.
         device: where the directions live (default: latents' device).
 
     Returns: the trained Directions (iterations_done == settings.iterations).
@@ -534,7 +567,7 @@ def train_directions(
     name_list = list(names)[:k_all] + [f"direction {i}" for i in range(len(list(names)[:k_all]), k_all)]
     template = Directions(directions=torch.zeros(k_all, s.token_count, empty.shape[1]), empty=empty.cpu(),
                           names=name_list, base_model=dict(base_model or {}), settings=s,
-                          data=dict(data or {}), created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"))
+                          data=dict(data or {}), created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     ckpt = Path(checkpoint_path) if checkpoint_path is not None else None
 
     st: _State | None = None
@@ -548,19 +581,12 @@ def train_directions(
     n = min(s.batch_size, m_images)
     k = s.directions_per_iteration
     total = s.iterations
-    if progress is not None:
-        progress(min(st.iteration, total), total, st.losses[-1] if st.losses else math.nan)
+    progress(min(st.iteration, total), total, _loss_message(st.losses[-1]) if st.losses else "")
 
     while st.iteration < total:
         it = st.iteration
-        if check_cancel is not None:
-            try:
-                check_cancel()
-            except BaseException:
-                if ckpt is not None:
-                    _save_checkpoint(ckpt, st, template)
-                    log.info("NoiseCLR: stopped at iteration %d; checkpoint %s", it, ckpt)
-                raise
+        with _checkpoint_on_stop(ckpt, st, template):
+            check_cancel()
         rows, x_t, sigma = _batch(s, it, latents, sigma_table, k_all, n, k)
         with torch.no_grad():
             eps0 = predict_noise(x_t, sigma, empty.unsqueeze(0).expand(n, -1, -1)).float()
@@ -576,13 +602,18 @@ def train_directions(
                                 f"(now {s.learning_rate}) or raise the temperature (now {s.temperature}).")
         st.losses.append(value)
         st.iteration = it + 1
-        if progress is not None:
-            progress(st.iteration, total, value)
         if ckpt is not None and (st.iteration % s.checkpoint_every == 0 or st.iteration == total):
             _save_checkpoint(ckpt, st, template)
+        with _checkpoint_on_stop(ckpt, st, template):  # a progress hook may raise too (ComfyUI's interrupt)
+            progress(st.iteration, total, _loss_message(value))
 
     return dataclasses.replace(template, directions=st.params.detach().cpu(), iterations_done=st.iteration,
                                loss_history=list(st.losses))
+
+
+def _loss_message(loss: float) -> str:
+    """The progress message of an iteration (kept in this one place: hosts show it as is)."""
+    return f"loss {loss:.4f}"
 
 
 def loss_summary(losses: Sequence[float], window: int = 10) -> str:

@@ -119,7 +119,8 @@ class History:
 
 def _pick_from(p: Any, i: int) -> Pick:
     if not isinstance(p, dict):
-        raise ValueError(f"pick {i} is not an object")
+        raise HistoryError(f"exploration history: pick {i} is {type(p).__name__}, not an object with index/seed/"
+                           "strength; clear the history widget to start over.")
     fix = "the history is damaged; clear the history widget to start a new walk."
     pick = Pick(index=int(p["index"]), seed=int(p["seed"]),
                 strength=finite(p["strength"], f"exploration history: pick {i} strength", lo=0.0, hi=STRENGTH_MAX,
@@ -128,7 +129,8 @@ def _pick_from(p: Any, i: int) -> Pick:
                 cond_strength=finite(p.get("cond_strength", 0.0), f"exploration history: pick {i} cond_strength",
                                      lo=0.0, hi=COND_STRENGTH_MAX, fix=fix, error=HistoryError))
     if not 0 <= pick.seed <= SEED_MASK or not 0 <= pick.cond_seed <= SEED_MASK:
-        raise ValueError(f"pick {i} has a seed outside 0..{SEED_MASK}")
+        raise HistoryError(f"exploration history: pick {i} has a seed outside 0..{SEED_MASK} (seed {pick.seed}, "
+                           f"cond_seed {pick.cond_seed}); the history is damaged, clear it to start over.")
     return pick
 
 

@@ -13,7 +13,7 @@ ViT-L-14 embeddings) and of LAION's linear v1 predictor (one ``weight``/``bias``
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..errors import ModelError, QueryError
+from ..work import CheckCancel, Progress, never_cancel, no_progress
 
 _LAYER_KEY = re.compile(r"^(?:.*\.)?layers\.(\d+)\.(weight|bias)$")
 
@@ -154,13 +155,18 @@ def rank(metrics: dict[str, np.ndarray], weights: dict[str, float]) -> Ranking:
                    {k: float(weights.get(k, 1.0)) for k in metrics})
 
 
-def embed_images(embedder: Any, images: Sequence[Any], batch: int = 16,
-                 check_cancel: Callable[[], None] | None = None) -> np.ndarray:
-    """CLIP image embeddings [N, D] of PIL images through an embedder with ``preprocess`` and ``encode_images``."""
+def embed_images(embedder: Any, images: Sequence[Any], batch: int = 16, *, progress: Progress = no_progress,
+                 check_cancel: CheckCancel = never_cancel) -> np.ndarray:
+    """CLIP image embeddings [N, D] of PIL images through an embedder with ``preprocess`` and ``encode_images``.
+
+    ``progress`` counts images embedded; ``check_cancel`` is called before each batch (noisequery_core.work;
+    nothing is stored, so a stop loses only this call's work).
+    """
     out = []
+    progress(0, len(images))
     for i in range(0, len(images), batch):
-        if check_cancel is not None:
-            check_cancel()
+        check_cancel()
         pixels = torch.stack([embedder.preprocess(im.convert("RGB")) for im in images[i:i + batch]])
         out.append(embedder.encode_images(pixels))
+        progress(min(i + batch, len(images)), len(images))
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)

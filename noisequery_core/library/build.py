@@ -3,8 +3,8 @@
 The renderer is injected (the ComfyUI glue passes one that samples and decodes with the
 user's model), so this loop knows nothing of diffusion: it asks for images of seeds, and
 while the renderer works on the next batch, a background thread computes the previous
-batch's features and commits it. An interrupt or crash loses at most the batches not yet
-committed (the one rendering and the one being committed).
+batch's features and commits it. A cancel (noisequery_core.work) loses nothing rendered; a
+crash loses at most the batches not yet committed (the one rendering and the one being committed).
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from ..errors import Cancelled, NoiseQueryError
+from ..errors import NoiseQueryError
 from ..search.features import FeatureExtractor
 from ..search.index import maintain_index
+from ..work import CheckCancel, Progress, never_cancel, no_progress
 from .storage import Library
 
 log = logging.getLogger("noisequery")
@@ -53,8 +54,8 @@ def build_seeds(
     extractor: FeatureExtractor,
     *,
     batch_size: int = 8,
-    progress: Callable[[int, int], None] | None = None,
-    check_cancel: Callable[[], bool] | None = None,
+    progress: Progress = no_progress,
+    check_cancel: CheckCancel = never_cancel,
     on_batch: Callable[[list[int], Sequence[Image.Image]], None] | None = None,
     durable: bool = True,
 ) -> BuildReport:
@@ -64,22 +65,29 @@ def build_seeds(
         render: images for a list of seeds, in order (one per seed).
         extractor: computes the library's columns (its feature set must be the library's).
         batch_size: seeds per render call and per commit.
-        progress: progress(done, total) after each rendered batch.
-        check_cancel: polled before each batch; True stops after committing finished batches.
-        on_batch: called with each rendered batch (e.g. to show a preview).
+        progress: progress(seeds done, seeds to render) after each rendered batch (noisequery_core.work).
+        check_cancel: called before each batch; whatever it raises stops the build after the batches
+            already rendered are committed, and propagates (noisequery_core.work).
+        on_batch: called with each rendered batch (e.g. to show a preview), after its commit is queued.
     Returns:
-        a BuildReport. Raises Cancelled when stopped (work so far is committed).
+        a BuildReport.
+    Raises:
+        NoiseQueryError for a mismatched extractor or renderer; whatever ``check_cancel``, ``progress`` or
+        ``render`` raise (everything rendered before is committed first, so a re-run continues).
     """
     if extractor.features != library.features:
-        raise NoiseQueryError("The feature extractor does not match the library's feature set.")
+        raise NoiseQueryError(
+            f"The feature extractor computes {extractor.features.describe()} but library {library.path} stores "
+            f"{library.features.describe()}; make the extractor from the library's own feature set."
+        )
     rep = BuildReport(requested=len(seeds))
     t0 = time.perf_counter()
+    step = max(1, batch_size)
     with library.writer(durable=durable) as writer, ThreadPoolExecutor(1, thread_name_prefix="nq-commit") as pool:
         todo = writer.missing(seeds)
         rep.already_present = len({int(s) for s in seeds}) - len(todo)
         total = len(todo)
-        if progress:
-            progress(0, total)
+        progress(0, total)
         pending: Future[int] | None = None
 
         def commit(batch: list[int], images: Sequence[Image.Image]) -> int:
@@ -87,24 +95,30 @@ def build_seeds(
             return writer.append(batch, cols, thumbs)
 
         try:
-            for start in range(0, total, max(1, batch_size)):
-                if check_cancel is not None and check_cancel():
-                    raise Cancelled(
-                        f"Building {library.path} stopped after {rep.added} new entries; queue it again to continue."
-                    )
-                batch = todo[start : start + max(1, batch_size)]
+            for start in range(0, total, step):
+                check_cancel()  # a commit still in flight is awaited below before this propagates
+                batch = todo[start : start + step]
                 t = time.perf_counter()
                 images = list(render(batch))
                 rep.render_seconds += time.perf_counter() - t
                 if len(images) != len(batch):
-                    raise NoiseQueryError(f"The renderer returned {len(images)} images for {len(batch)} seeds.")
+                    raise NoiseQueryError(
+                        f"The renderer returned {len(images)} images for {len(batch)} seeds ({batch[0]}..{batch[-1]}); "
+                        "it must return one image per seed, in order."
+                    )
+                if pending is not None:  # at most one commit in flight
+                    previous, pending = pending, None
+                    rep.added += previous.result()
+                pending = pool.submit(commit, batch, images)
+                # After the commit is queued: a preview or progress hook that raises (ComfyUI's interrupt)
+                # loses nothing that was rendered.
                 if on_batch is not None:
                     on_batch(batch, images)
-                if pending is not None:
-                    rep.added += pending.result()  # at most one commit in flight
-                pending = pool.submit(commit, batch, images)
-                if progress:
-                    progress(start + len(batch), total)
+                progress(start + len(batch), total)
+        except BaseException as exc:
+            log.info("building %s stopped (%s); committed entries are kept, run it again to continue",
+                     library.path, exc.__class__.__name__)
+            raise
         finally:
             if pending is not None:
                 try:

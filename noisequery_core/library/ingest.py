@@ -9,18 +9,19 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from ..errors import Cancelled, NoiseQueryError
+from ..errors import NoiseQueryError
 from ..imaging import ImageDecodeError, load_image
 from ..search.clip import ClipEmbedder
 from ..search.features import FeatureExtractor, Prepared, feature_set
 from ..search.index import maintain_index
+from ..work import CheckCancel, Progress, never_cancel, no_progress
 from .manifest import GenerationKey
 from .storage import SEED_MAX, Library
 
@@ -93,8 +94,8 @@ def import_folder(
     thumbnail_format: str = "webp",
     batch_size: int = 32,
     workers: int = 2,
-    progress: Callable[[int, int], None] | None = None,
-    check_cancel: Callable[[], bool] | None = None,
+    progress: Progress = no_progress,
+    check_cancel: CheckCancel = never_cancel,
     durable: bool = True,
 ) -> ImportReport:
     """Import seed-named images into a library (created if needed); idempotent and resumable.
@@ -106,11 +107,14 @@ def import_folder(
         generation: generation key to record (default: imported/unknown).
         batch_size: entries per commit (and per CLIP forward pass).
         workers: decoding/feature threads working ahead of the model.
-        progress: called as progress(done, total) after each batch.
-        check_cancel: polled between batches; returning True stops after the last commit.
+        progress: progress(files done, files to import) after each batch (noisequery_core.work).
+        check_cancel: called between batches, when every batch before is committed; whatever it
+            raises stops the import and propagates (noisequery_core.work).
     Returns:
-        an ImportReport. Raises Cancelled (with everything before it committed),
-        LibraryError / IncompatibleLibraryError for library problems.
+        an ImportReport.
+    Raises:
+        NoiseQueryError for a missing folder, LibraryError / IncompatibleLibraryError for library
+        problems, and whatever ``check_cancel`` or ``progress`` raise (committed batches are kept).
     """
     report = ImportReport()
     files = scan_folder(Path(images_dir), report)
@@ -121,8 +125,7 @@ def import_folder(
         todo = [(s, p) for s, p in files if not writer.has(s)]
         report.already_present = len(files) - len(todo)
         total = len(todo)
-        if progress:
-            progress(0, total)
+        progress(0, total)
         batches = [todo[i : i + max(1, batch_size)] for i in range(0, total, max(1, batch_size))]
         done = 0
         with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="nq-import") as pool:
@@ -144,8 +147,7 @@ def import_folder(
                     inflight.append((b, submit(b)))
             try:
                 while inflight:
-                    if check_cancel is not None and check_cancel():
-                        raise Cancelled(f"Import into {lib.path} cancelled after {report.added} new entries; run it again to continue.")
+                    check_cancel()  # every batch before this one is committed
                     batch, futures = inflight.pop(0)
                     nxt = next(pending, None)
                     if nxt is not None:
@@ -163,8 +165,11 @@ def import_folder(
                         cols, thumbs = extractor.finish(ok_prep)
                         report.added += writer.append(ok_seeds, cols, thumbs)
                     done += len(batch)
-                    if progress:
-                        progress(done, total)
+                    progress(done, total)
+            except BaseException as exc:
+                log.info("import into %s stopped (%s) after %d new entries; they are kept, run it again to continue",
+                         lib.path, exc.__class__.__name__, report.added)
+                raise
             finally:
                 for _, futures in inflight:
                     for f in futures:

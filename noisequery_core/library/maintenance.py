@@ -4,19 +4,97 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Sequence
+import re
+import stat
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import LibraryError, NoiseQueryError
-from .manifest import read_manifest
-from .storage import THUMBS_DIR, Library, check_compatible
+from ..work import Progress, no_progress
+from . import safefs
+from .manifest import MANIFEST_NAME, read_manifest
+from .storage import INDEX_DIR, LOCK_NAME, THUMB_MAX_BYTES, THUMBS_DIR, Library, check_compatible, thumbnail_problem
 
 log = logging.getLogger("noisequery")
 
 _CHUNK = 8192
+_SHOW = 5  # examples named per finding
+_INDEX_FILES = ("clip.faiss", "clip.json")  # kept in sync with search/index.py
+
+
+def _examples(items: Sequence[object]) -> str:
+    shown = ", ".join(str(x) for x in items[:_SHOW])
+    return shown + (f" and {len(items) - _SHOW} more" if len(items) > _SHOW else "")
+
+
+def _scan_entries(root: Path, rep: VerifyReport) -> list[tuple[str, os.stat_result]]:
+    """Every entry below ``root`` (lstat, links never followed); links and special files are problems."""
+    found: list[tuple[str, os.stat_result]] = []
+    links: list[str] = []
+    special: list[str] = []
+    hard: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        for name in dirnames + filenames:
+            full = os.path.join(dirpath, name)
+            try:
+                st = os.lstat(full)
+            except OSError:
+                continue
+            rel = os.path.relpath(full, root).replace(os.sep, "/")
+            if stat.S_ISLNK(st.st_mode):
+                links.append(rel)
+            elif not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+                special.append(rel)
+            else:
+                if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+                    hard.append(rel)
+                found.append((rel, st))
+    if links:
+        rep.problems.append(
+            f"{len(links)} symbolic links ({_examples(links)}): a NoiseQuery library never contains links, and a shared "
+            "library can use them to reach files outside it. NoiseQuery refuses or skips them; delete them."
+        )
+    if special:
+        rep.problems.append(f"{len(special)} special files (FIFOs, sockets or devices: {_examples(special)}); delete them.")
+    if hard:
+        rep.warnings.append(
+            f"{len(hard)} files have more than one hard link ({_examples(hard)}); writers refuse to append to such "
+            "column files. Copy the library with `cp -r` to break the links."
+        )
+    return found
+
+
+def _foreign(lib: Library, entries: list[tuple[str, os.stat_result]], rep: VerifyReport) -> list[str]:
+    """Report entries NoiseQuery does not write; returns the thumbnail names seen (``<seed>.<fmt>``)."""
+    fmt = lib.features.thumbnail_format
+    top = {MANIFEST_NAME, LOCK_NAME, THUMBS_DIR, INDEX_DIR} | {f"{c.name}.bin" for c in lib.manifest.columns}
+    thumb_re = re.compile(r"^(0|[1-9][0-9]{0,19})\." + re.escape(fmt) + "$")
+    foreign: list[str] = []
+    temps: list[str] = []
+    thumbs: list[str] = []
+    for rel, st in entries:
+        head, _, tail = rel.partition("/")
+        name = rel.rsplit("/", 1)[-1]
+        if safefs.is_own_temp(name) and stat.S_ISREG(st.st_mode):
+            temps.append(rel)
+        elif not tail:
+            if head not in top:
+                foreign.append(rel)
+        elif head == THUMBS_DIR and "/" not in tail and thumb_re.match(tail) and stat.S_ISREG(st.st_mode):
+            thumbs.append(tail)
+        elif not (head == INDEX_DIR and tail in _INDEX_FILES and stat.S_ISREG(st.st_mode)):
+            foreign.append(rel)
+    if temps:
+        rep.warnings.append(f"{len(temps)} temp files of an interrupted write ({_examples(temps)}); the next writer deletes them.")
+    if foreign:
+        rep.warnings.append(
+            f"{len(foreign)} files or folders NoiseQuery did not write ({_examples(foreign)}); they are ignored. A library "
+            "from someone else should not carry them: delete them if you do not know what they are."
+        )
+    return thumbs
 
 
 @dataclass
@@ -35,8 +113,15 @@ class VerifyReport:
 
 
 def verify(library_dir: str | os.PathLike[str]) -> VerifyReport:
-    """Check a library without changing it: manifest, column sizes, seeds, values, thumbnails, index."""
+    """Check a library without changing it: links and foreign files, manifest, column sizes, seeds,
+    values, thumbnails (read without following links, decoded only as far as the header), index.
+
+    Never raises for a damaged or hostile library: every finding is a problem (the library is
+    damaged or unsafe: ``ok`` is False) or a warning (harmless or repaired automatically).
+    """
     rep = VerifyReport(str(library_dir))
+    root = Path(library_dir)
+    entries = _scan_entries(root, rep) if root.is_dir() else []
     try:
         lib = Library.open(library_dir)
     except LibraryError as exc:
@@ -44,8 +129,9 @@ def verify(library_dir: str | os.PathLike[str]) -> VerifyReport:
         return rep
     m = lib.manifest
     rep.count = m.count
+    thumb_names = _foreign(lib, entries, rep)
     for c in m.columns:
-        size = (lib.path / f"{c.name}.bin").stat().st_size
+        size = getattr(safefs.lstat(lib.path, f"{c.name}.bin"), "st_size", 0)
         extra = size - m.count * c.row_bytes
         if extra:
             rep.warnings.append(
@@ -71,23 +157,40 @@ def verify(library_dir: str | os.PathLike[str]) -> VerifyReport:
             if not np.isfinite(norms).all() or np.any(np.abs(norms - 1) > 0.01):
                 rep.problems.append(f"CLIP embeddings in rows {start}..{stop - 1} are not unit vectors.")
     if m.features.thumbnail_size:
-        folder = lib.path / THUMBS_DIR
-        have = {p.stem for p in folder.glob(f"*.{m.features.thumbnail_format}")} if folder.is_dir() else set()
-        missing = [int(s) for s in seeds if str(int(s)) not in have]
-        if missing:
-            rep.warnings.append(f"{len(missing)} entries have no thumbnail (e.g. seeds {missing[:5]}).")
-        orphans = len(have - {str(int(s)) for s in seeds})
-        if orphans:
-            rep.warnings.append(f"{orphans} thumbnails belong to no committed entry (left by an interrupted write).")
-    from ..search.index import load_index
+        _verify_thumbnails(lib, seeds, thumb_names, rep)
+    from ..search.index import check_index
 
-    if lib.has_clip and (lib.path / "index").exists():
-        got = load_index(lib)
-        if got is None:
-            rep.warnings.append("the search index is unreadable or stale; it will be rebuilt on the next write.")
-        elif got[1].ntotal < m.count:
-            rep.warnings.append(f"the search index covers {got[1].ntotal} of {m.count} entries; searches catch up in memory.")
+    if lib.has_clip:
+        note = check_index(lib)
+        if note:
+            rep.warnings.append(note)
     return rep
+
+
+def _verify_thumbnails(lib: Library, seeds: np.ndarray, names: list[str], rep: VerifyReport) -> None:
+    have = {n.split(".", 1)[0] for n in names}
+    committed = {str(int(s)) for s in seeds}
+    missing = [int(s) for s in seeds if str(int(s)) not in have]
+    if missing:
+        rep.warnings.append(f"{len(missing)} entries have no thumbnail (e.g. seeds {missing[:_SHOW]}).")
+    orphans = len(have - committed)
+    if orphans:
+        rep.warnings.append(f"{orphans} thumbnails belong to no committed entry (left by an interrupted write).")
+    bad: list[str] = []
+    for name in sorted(names):
+        if name.split(".", 1)[0] not in committed:
+            continue
+        try:
+            why = thumbnail_problem(safefs.read_bytes(lib.path, f"{THUMBS_DIR}/{name}", limit=THUMB_MAX_BYTES), lib.features)
+        except LibraryError as exc:
+            why = str(exc)
+        if why:
+            bad.append(f"{name} ({why})")
+    if bad:
+        rep.problems.append(
+            f"{len(bad)} thumbnails are unreadable or oversized: {_examples(bad)}. Queries show a blank tile for them; "
+            "delete those files (or rebuild the thumbnails by re-importing the images)."
+        )
 
 
 @dataclass
@@ -104,12 +207,14 @@ def merge(
     sources: Sequence[str | os.PathLike[str]],
     dest: str | os.PathLike[str],
     *,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress = no_progress,
 ) -> MergeReport:
     """Append every entry of ``sources`` into ``dest`` (created if missing).
 
     All libraries must share generation key and feature set (IncompatibleLibraryError
     otherwise). Seeds already in ``dest`` are skipped and counted as overlapping.
+    ``progress`` (noisequery_core.work) counts source entries handled; each chunk is one commit,
+    so an interrupted merge keeps what it committed and a re-run continues.
     """
     if not sources:
         raise NoiseQueryError("merge needs at least one source library.")
@@ -130,6 +235,7 @@ def merge(
     total = sum(lib.count for lib in libs)
     done = 0
     names = [c.name for c in out.manifest.columns if c.name != "seeds"]
+    progress(0, total)
     with out.writer() as w:
         for lib in libs:
             for start in range(0, lib.count, _CHUNK):
@@ -138,14 +244,18 @@ def merge(
                 cols = {n: np.asarray(lib.column(n)[start:stop]) for n in names}
                 thumbs: list[bytes | None] = []
                 for s in seeds:
-                    p = lib.thumbnail_path(int(s))
-                    thumbs.append(p.read_bytes() if p is not None and not w.has(int(s)) else None)
+                    # Never through a link, and only bytes that are a thumbnail of the destination's format and size.
+                    data = None if w.has(int(s)) else lib.read_thumbnail_bytes(int(s))
+                    why = thumbnail_problem(data, out.features) if data is not None else None
+                    if why:
+                        log.warning("merge: thumbnail of seed %d in %s not copied: %s", int(s), lib.path, why)
+                        data = None
+                    thumbs.append(data)
                 added = w.append(seeds, cols, thumbs)
                 rep.added += added
                 rep.overlapping += len(seeds) - added
                 done += stop - start
-                if progress:
-                    progress(done, total)
+                progress(done, total, f"merging {lib.path.name}")
         from ..search.index import maintain_index
 
         maintain_index(out)

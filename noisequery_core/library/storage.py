@@ -7,32 +7,44 @@ Layout of a library folder (documented in README "Library format"):
     stats.bin hist.bin layout.bin regions.bin clip.bin   one fixed-width row per entry
     thumbs/<seed>.webp optional thumbnails
     index/             derived search index (rebuildable; see index.py)
-    .lock              writer lock
+    .lock              writer lock (filelock)
+
+Everything inside the folder is untrusted (libraries are shared): files are opened through
+``safefs``, never through a link, and the manifest passes a strict schema (manifest.py).
 
 Crash safety: a writer appends rows to every column file, fsyncs them, then atomically
 replaces the manifest with the new count. Readers only ever look at the first ``count``
 rows, so they never see a half-written entry; a writer that opens a library first cuts
 every column back to ``count`` rows, discarding whatever a killed writer left behind.
+A new library is assembled in a hidden sibling folder and renamed into place, so a folder
+either holds a whole library or none (two processes creating the same one cannot collide).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import errno
+import io
 import logging
 import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
+import filelock
 import numpy as np
 
 from ..errors import IncompatibleLibraryError, LibraryError, LibraryLockedError
 from ..search import color
+from . import safefs
 from .manifest import (
+    MANIFEST_NAME,
     ColumnSpec,
     FeatureSet,
     GenerationKey,
     Manifest,
+    encode_manifest,
     read_manifest,
     write_manifest,
 )
@@ -41,7 +53,10 @@ log = logging.getLogger("noisequery")
 
 SEED_MAX = 2**64 - 1
 THUMBS_DIR = "thumbs"
+INDEX_DIR = "index"  # owned by search/index.py; named here so opening a library can check it
 LOCK_NAME = ".lock"
+THUMB_MAX_BYTES = 8 << 20  # a 4096-px JPEG at quality 90 is ~3 MB
+THUMB_FORMATS = {"webp": "WEBP", "jpg": "JPEG"}  # manifest.THUMBNAIL_FORMATS → PIL format; kept in sync
 
 
 def columns_for(features: FeatureSet) -> tuple[ColumnSpec, ...]:
@@ -64,6 +79,18 @@ def _now() -> str:
 
 def _column_path(folder: Path, name: str) -> Path:
     return folder / f"{name}.bin"
+
+
+def _column_file(name: str) -> str:
+    return f"{name}.bin"
+
+
+def _enclosing_library(path: Path) -> Path | None:
+    """The nearest folder above ``path`` that holds a NoiseQuery library, if any."""
+    for parent in Path(os.path.abspath(path)).parents:
+        if (parent / MANIFEST_NAME).is_file() and (parent / "seeds.bin").is_file():
+            return parent
+    return None
 
 
 def check_compatible(
@@ -109,7 +136,16 @@ class Library:
     def open(cls, path: str | os.PathLike[str]) -> Library:
         """Open an existing library. Raises LibraryError / SchemaVersionError."""
         p = Path(path)
-        if not p.is_dir():
+        try:
+            is_dir = p.is_dir()
+        except OSError as exc:
+            raise safefs.os_error(exc, p, "open the library") from None
+        if not is_dir:
+            if p.exists():
+                raise LibraryError(
+                    f"{p} is a file, not a library folder. Give the folder that holds manifest.json, seeds.bin, … "
+                    "(for example the folder you passed to `import --library`)."
+                )
             raise LibraryError(
                 f"No NoiseQuery library at {p}: the folder does not exist. Check the name, or create it by "
                 "importing images (`python -m noisequery_core import …`) or with the BuildNoiseLibrary node."
@@ -127,40 +163,62 @@ class Library:
         *,
         exist_ok: bool = True,
     ) -> Library:
-        """Create a library, or open it if it exists with the same generation key and feature set."""
+        """Create a library, or open it if it exists with the same generation key and feature set.
+
+        Creation is atomic: the library is written into a hidden sibling folder and renamed to
+        ``path``; a process that loses a creation race opens the winner's library instead.
+        Refuses a folder inside another library (it could never be listed or opened by name).
+        """
         p = Path(path)
-        if (p / "manifest.json").exists():
-            if not exist_ok:
-                raise LibraryError(f"A library already exists at {p}; choose another name or delete it.")
-            lib = cls.open(p)
-            check_compatible(f"Library {p}", lib.generation, lib.features, generation, features)
-            return lib
-        if p.exists() and any(p.iterdir()):
-            raise LibraryError(
-                f"{p} exists and is not empty but holds no NoiseQuery manifest; refusing to write into it. "
-                "Pick an empty or new folder."
+        if p.is_symlink():
+            p = p.resolve()  # the folder itself is the caller's choice; the rename must not replace a link
+        for _ in range(3):
+            if os.path.lexists(p / MANIFEST_NAME):
+                if not exist_ok:
+                    raise LibraryError(f"A library already exists at {p}; choose another name or delete it.")
+                lib = cls.open(p)
+                check_compatible(f"Library {p}", lib.generation, lib.features, generation, features)
+                return lib
+            if os.path.lexists(p):
+                if not p.is_dir():
+                    raise LibraryError(f"{p} is a file, not a folder; give a new folder name for the library.")
+                if any(p.iterdir()):
+                    if os.path.lexists(p / MANIFEST_NAME):
+                        continue  # another process just finished creating it: open that one
+                    raise LibraryError(
+                        f"{p} exists and is not empty but holds no NoiseQuery manifest; refusing to write into it. "
+                        "Pick an empty or new folder."
+                    )
+            outer = _enclosing_library(p)
+            if outer is not None:
+                raise LibraryError(
+                    f"{p} lies inside the library {outer}; a library cannot hold another one (it could not be "
+                    "listed or found by name). Pick a folder outside it."
+                )
+            manifest = Manifest(
+                generation=generation, features=features, columns=columns_for(features), count=0, created=_now(), updated=_now()
             )
-        p.mkdir(parents=True, exist_ok=True)
-        columns = columns_for(features)
-        for c in columns:
-            _column_path(p, c.name).touch()
-        if features.thumbnail_size:
-            (p / THUMBS_DIR).mkdir(exist_ok=True)
-        manifest = Manifest(generation=generation, features=features, columns=columns, count=0, created=_now(), updated=_now())
-        write_manifest(p, manifest)
-        log.info("created library %s (%s)", p, features.describe())
-        return cls(p, manifest)
+            encode_manifest(manifest, p / MANIFEST_NAME)  # refuse a bad setting before anything is created
+            if _create_atomically(p, manifest):
+                log.info("created library %s (%s)", p, features.describe())
+                return cls(p, manifest)
+        raise LibraryError(f"Could not create the library {p}: other processes keep changing that folder. Try again.")
 
     def _check_columns(self) -> None:
+        """Columns as the feature set implies, each a real file (no link) holding ``count`` rows."""
         m = self._manifest
         expected = columns_for(m.features)
         if tuple(m.columns) != expected:
             raise LibraryError(
                 f"{self.path}: the manifest's columns do not match its feature set; the manifest is damaged."
             )
+        # Fixed names only (checked above); a link or a folder at any of them refuses the library.
+        safefs.check(self.path, THUMBS_DIR, "dir")
+        safefs.check(self.path, INDEX_DIR, "dir")
         for c in m.columns:
             f = _column_path(self.path, c.name)
-            size = f.stat().st_size if f.exists() else -1
+            st = safefs.check(self.path, _column_file(c.name), "file")
+            size = st.st_size if st is not None else -1
             if size < m.count * c.row_bytes:
                 raise LibraryError(
                     f"{f} holds {max(size, 0) // max(c.row_bytes, 1)} rows but the manifest commits {m.count}; "
@@ -215,7 +273,15 @@ class Library:
         if self.count == 0:
             arr = np.zeros(shape, dtype=spec.dtype)
         else:
-            arr = np.memmap(_column_path(self.path, name), dtype=spec.dtype, mode="r", shape=shape)
+            # Mapped through a no-follow descriptor; the map stays valid after the file is closed.
+            with safefs.open_file(self.path, _column_file(name), "rb", doing="read") as f:
+                try:
+                    arr = np.memmap(f, dtype=spec.dtype, mode="r", shape=shape)
+                except (ValueError, OSError) as exc:
+                    raise LibraryError(
+                        f"{_column_path(self.path, name)} cannot be mapped for {self.count} rows ({exc}); it was "
+                        "truncated after the library was opened. Run `python -m noisequery_core verify --library …`."
+                    ) from None
         self._cache[key] = arr
         return arr
 
@@ -246,11 +312,39 @@ class Library:
     def contains(self, seeds: Sequence[int] | np.ndarray) -> np.ndarray:
         return self.rows_of(seeds) >= 0
 
+    def _thumbnail_rel(self, seed: int) -> str:
+        # thumbnail_format passed the manifest's allow-list; the seed is an integer.
+        return f"{THUMBS_DIR}/{int(seed)}.{self.features.thumbnail_format}"
+
     def thumbnail_path(self, seed: int) -> Path | None:
+        """The seed's thumbnail file when it is a regular file reached without links, else None."""
         if not self.features.thumbnail_size:
             return None
-        p = self.path / THUMBS_DIR / f"{int(seed)}.{self.features.thumbnail_format}"
-        return p if p.exists() else None
+        return safefs.regular_file(self.path, self._thumbnail_rel(seed))
+
+    def read_thumbnail_bytes(self, seed: int) -> bytes | None:
+        """The seed's encoded thumbnail (never read through a link); None if missing or refused (logged)."""
+        if not self.features.thumbnail_size:
+            return None
+        rel = self._thumbnail_rel(seed)
+        try:
+            if safefs.lstat(self.path, rel) is None:
+                return None
+            return safefs.read_bytes(self.path, rel, limit=THUMB_MAX_BYTES)
+        except LibraryError as exc:
+            log.warning("thumbnail of seed %d skipped: %s", int(seed), exc)
+            return None
+
+    def load_thumbnail(self, seed: int) -> Any:
+        """The seed's thumbnail as an RGB PIL image, or None when missing, unsafe or undecodable (logged)."""
+        data = self.read_thumbnail_bytes(seed)
+        if data is None:
+            return None
+        try:
+            return decode_thumbnail(data, self.features)
+        except ValueError as exc:
+            log.warning("thumbnail %s skipped: %s", self.path / self._thumbnail_rel(seed), exc)
+            return None
 
     def writer(self, *, durable: bool = True) -> LibraryWriter:
         """The single appending writer (takes the library's lock; use as a context manager)."""
@@ -258,7 +352,7 @@ class Library:
 
     def info(self) -> dict[str, Any]:
         m = self._manifest
-        sizes = {c.name: _column_path(self.path, c.name).stat().st_size for c in m.columns}
+        sizes = {c.name: getattr(safefs.lstat(self.path, _column_file(c.name)), "st_size", 0) for c in m.columns}
         seeds = np.asarray(self.seeds)
         return {
             "path": str(self.path),
@@ -276,48 +370,36 @@ class Library:
 
 
 class _Lock:
-    """Exclusive, non-blocking advisory lock on a file; released by the OS if the process dies."""
+    """Exclusive, non-blocking writer lock on ``<library>/.lock`` (filelock: flock / msvcrt).
 
-    def __init__(self, path: Path):
-        self.path = path
-        self._fh: IO[bytes] | None = None
+    The OS releases it when the holding process dies, so a crashed writer never blocks the next.
+    """
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.path = root / LOCK_NAME
+        self._lock: filelock.BaseFileLock | None = None
 
     def acquire(self) -> None:
-        fh = open(self.path, "a+b")
+        # filelock opens the path itself (older versions with O_TRUNC, following links): make
+        # sure first that .lock is a plain file inside the library, never a link or a folder.
+        os.close(safefs.open_fd(self.root, LOCK_NAME, os.O_RDWR | os.O_CREAT, doing="create the writer lock"))
+        lock = filelock.FileLock(str(self.path), timeout=0, thread_local=False)
         try:
-            if os.name == "nt":
-                import msvcrt
-
-                fh.seek(0)
-                msvcrt.locking(fh.fileno(), msvcrt.LK_NBLCK, 1)  # type: ignore[attr-defined]
-            else:
-                import fcntl
-
-                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            fh.close()
+            lock.acquire()
+        except filelock.Timeout:
             raise LibraryLockedError(
-                f"Library {self.path.parent} is being written by another process (lock {self.path}). "
+                f"Library {self.root} is being written by another process (lock {self.path}). "
                 "Wait for that build/import to finish or stop it; a crashed writer releases the lock automatically."
             ) from None
-        self._fh = fh
+        except OSError as exc:
+            raise safefs.os_error(exc, self.path, "take the writer lock") from None
+        self._lock = lock
 
     def release(self) -> None:
-        if self._fh is None:
-            return
-        try:
-            if os.name == "nt":
-                import msvcrt
-
-                self._fh.seek(0)
-                msvcrt.locking(self._fh.fileno(), msvcrt.LK_UNLCK, 1)  # type: ignore[attr-defined]
-            else:
-                import fcntl
-
-                fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
-        finally:
-            self._fh.close()
-            self._fh = None
+        if self._lock is not None:
+            lock, self._lock = self._lock, None
+            lock.release()
 
 
 class LibraryWriter:
@@ -326,7 +408,7 @@ class LibraryWriter:
     def __init__(self, library: Library, *, durable: bool = True):
         self.library = library
         self.durable = durable
-        self._lock = _Lock(library.path / LOCK_NAME)
+        self._lock = _Lock(library.path)
         self._files: dict[str, IO[bytes]] = {}
         self._seen: set[int] | None = None
 
@@ -338,18 +420,20 @@ class LibraryWriter:
             lib._check_columns()
             m = lib.manifest
             for c in m.columns:
-                f = open(_column_path(lib.path, c.name), "r+b")
+                f = safefs.open_file(lib.path, _column_file(c.name), "r+b", doing="open for writing")
+                self._files[c.name] = f
                 committed = m.count * c.row_bytes
                 if os.fstat(f.fileno()).st_size != committed:
                     log.warning("%s: discarding uncommitted tail of %s.bin left by an interrupted writer", lib.path, c.name)
-                    f.truncate(committed)
+                    try:
+                        f.truncate(committed)
+                    except OSError as exc:
+                        raise safefs.os_error(exc, _column_path(lib.path, c.name), "cut back") from None
                 f.seek(committed)
-                self._files[c.name] = f
             self._seen = {int(s) for s in np.asarray(lib.seeds)}
-            thumbs = lib.path / THUMBS_DIR
-            if thumbs.is_dir():
-                for tmp in thumbs.glob(".*.tmp"):
-                    tmp.unlink(missing_ok=True)
+            # Temp files of interrupted writers: only names this package gives its temp files.
+            for folder in ("", THUMBS_DIR, INDEX_DIR):
+                safefs.remove_own_temps(lib.path, folder)
         except BaseException:
             self.close()
             raise
@@ -427,14 +511,20 @@ class LibraryWriter:
             for i in keep:
                 data = thumbnails[i]
                 if data is not None:
-                    write_thumbnail(data, lib.path / THUMBS_DIR, seed_list[i], m.features)
-        for c in m.columns:
-            data = np.ascontiguousarray(rows[c.name], dtype=np.dtype(c.dtype)).tobytes()
-            f = self._files[c.name]
-            f.write(data)
-            f.flush()
-            if self.durable:
-                os.fsync(f.fileno())
+                    write_thumbnail(data, lib.path, seed_list[i], m.features)
+        name = ""
+        try:
+            for c in m.columns:
+                name = c.name
+                data = np.ascontiguousarray(rows[c.name], dtype=np.dtype(c.dtype)).tobytes()
+                f = self._files[c.name]
+                f.write(data)
+                f.flush()
+                if self.durable:
+                    os.fsync(f.fileno())
+        except OSError as exc:
+            self._rollback()
+            raise safefs.os_error(exc, _column_path(lib.path, name), "append to") from None
         new = Manifest(
             generation=m.generation,
             features=m.features,
@@ -445,11 +535,30 @@ class LibraryWriter:
             schema_version=m.schema_version,
             notes=m.notes,
         )
-        write_manifest(lib.path, new)
+        try:
+            write_manifest(lib.path, new, durable=self.durable)
+        except BaseException:
+            self._rollback()
+            raise
         lib._manifest = new
         lib._cache.clear()
         self._seen.update(batch_seen)
         return len(keep)
+
+    def _rollback(self) -> None:
+        """After a failed append: cut every column back to the committed rows (best effort), so a
+        later append in this writer cannot commit rows behind a partial write, and space is freed."""
+        m = self.library.manifest
+        for c in m.columns:
+            f = self._files.get(c.name)
+            if f is None:
+                continue
+            committed = m.count * c.row_bytes
+            try:
+                f.truncate(committed)
+                f.seek(committed)
+            except (OSError, ValueError):
+                log.warning("could not cut %s.bin back to its committed rows; the next writer will", c.name)
 
     def set_notes(self, **notes: Any) -> None:
         """Merge ``notes`` into the manifest's free-form notes (atomic)."""
@@ -471,8 +580,6 @@ class LibraryWriter:
 
 def encode_thumbnail(image: Any, features: FeatureSet) -> bytes | None:
     """Encode a PIL image as the library's thumbnail (longer side ≤ thumbnail_size); None if disabled."""
-    import io
-
     from PIL import Image
 
     if not features.thumbnail_size:
@@ -489,14 +596,99 @@ def encode_thumbnail(image: Any, features: FeatureSet) -> bytes | None:
     return buf.getvalue()
 
 
-def write_thumbnail(data: bytes, folder: Path, seed: int, features: FeatureSet) -> Path:
-    path = folder / f"{int(seed)}.{features.thumbnail_format.lower()}"
+def decode_thumbnail(data: bytes, features: FeatureSet) -> Any:
+    """Decode a stored thumbnail to an RGB PIL image; ValueError saying why when it is not one.
+
+    Only the library's own format is decoded, and an image larger than the library's
+    thumbnail size is refused from its header, before any pixels are decoded (a
+    decompression bomb is a few KB on disk).
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    fmt = THUMB_FORMATS.get(features.thumbnail_format)
+    if fmt is None:
+        raise ValueError(f"thumbnail format {features.thumbnail_format!r} is not supported")
+    side = max(int(features.thumbnail_size), 1)
+    try:
+        with Image.open(io.BytesIO(data), formats=[fmt]) as im:
+            w, h = im.size
+            if max(w, h) > side:
+                raise ValueError(
+                    f"it is {w}×{h} pixels, larger than the library's {side}-pixel thumbnails (refused unread: it "
+                    "could be a decompression bomb)"
+                )
+            im.load()
+            return im.convert("RGB")
+    except (OSError, UnidentifiedImageError, SyntaxError, Image.DecompressionBombError, EOFError) as exc:
+        raise ValueError(f"it is not a readable {fmt} image ({exc.__class__.__name__}: {str(exc)[:120]})") from None
+
+
+def thumbnail_problem(data: bytes, features: FeatureSet) -> str | None:
+    """Why ``data`` is not a usable thumbnail (header and size only, no pixel decoding), or None."""
+    from PIL import Image, UnidentifiedImageError
+
+    fmt = THUMB_FORMATS.get(features.thumbnail_format, "?")
+    try:
+        with Image.open(io.BytesIO(data), formats=[fmt]) as im:
+            w, h = im.size
+    except (OSError, UnidentifiedImageError, SyntaxError, Image.DecompressionBombError, EOFError) as exc:
+        return f"not a readable {fmt} image ({exc.__class__.__name__})"
+    if max(w, h) > max(int(features.thumbnail_size), 1):
+        return f"{w}×{h} pixels, larger than the library's {features.thumbnail_size}-pixel thumbnails"
+    return None
+
+
+def write_thumbnail(data: bytes, root: Path, seed: int, features: FeatureSet) -> Path:
+    """Write one thumbnail into ``root/thumbs`` (atomic, no-follow; the format is allow-listed)."""
+    if features.thumbnail_format not in THUMB_FORMATS:
+        raise LibraryError(f"thumbnail format {features.thumbnail_format!r} is not one of {', '.join(THUMB_FORMATS)}.")
+    safefs.ensure_dir(root, THUMBS_DIR)
+    rel = f"{THUMBS_DIR}/{int(seed)}.{features.thumbnail_format}"
     # Thumbnails are written before the rows commit; a crash leaves at worst an orphan file
-    # that the resumed run overwrites, so no directory fsync per file is needed here.
-    tmp = folder / f".{int(seed)}.{os.getpid()}.tmp"
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-    return path
+    # that the resumed run overwrites, so no fsync per file is needed here.
+    safefs.atomic_write(root, rel, data, durable=False)
+    return root / rel
+
+
+def _create_atomically(path: Path, manifest: Manifest) -> bool:
+    """Assemble an empty library in a hidden sibling folder and rename it to ``path``.
+
+    Returns False when another process created ``path`` first (the caller then opens it).
+    """
+    parent = path.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise safefs.os_error(exc, parent, "create the folder") from None
+    tmp = parent / safefs.temp_name(path.name)
+    try:
+        os.mkdir(tmp)
+    except OSError as exc:
+        raise safefs.os_error(exc, parent, "create a library in") from None
+    try:
+        for c in manifest.columns:
+            safefs.open_file(tmp, _column_file(c.name), "xb", doing="create").close()
+        if manifest.features.thumbnail_size:
+            safefs.ensure_dir(tmp, THUMBS_DIR)
+        write_manifest(tmp, manifest)
+        if os.name == "nt" and path.is_dir():
+            try:
+                os.rmdir(path)  # Windows cannot rename onto an (empty) folder
+            except OSError:
+                pass
+        try:
+            os.rename(tmp, path)  # POSIX: replaces an empty folder, fails on a non-empty one
+        except OSError as exc:
+            # Lost a race (the caller opens the winner's library) or a foreign folder appeared
+            # (the caller refuses it with its usual message).
+            if exc.errno in (errno.EEXIST, errno.ENOTEMPTY) or os.path.lexists(path / MANIFEST_NAME):
+                return False
+            raise safefs.os_error(exc, path, "create the library") from None
+    finally:
+        if os.path.lexists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)  # only what this function created
+    safefs.fsync_dir(parent)
+    return True
 
 
 __all__ = [
@@ -504,6 +696,8 @@ __all__ = [
     "LibraryWriter",
     "columns_for",
     "check_compatible",
+    "decode_thumbnail",
     "encode_thumbnail",
+    "thumbnail_problem",
     "SEED_MAX",
 ]

@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..library.manifest import FeatureSet
+from ..errors import IncompatibleLibraryError, NoiseQueryError
+from ..library.manifest import MAX_THUMBNAIL_SIZE, THUMBNAIL_FORMATS, FeatureSet
 from ..library.storage import encode_thumbnail
 from . import color
 from .clip import ClipEmbedder
@@ -30,14 +31,12 @@ class Prepared:
 
 
 def feature_set(embedder: ClipEmbedder | None, *, thumbnail_size: int = 256, thumbnail_format: str = "webp") -> FeatureSet:
-    if thumbnail_format.lower() not in ("webp", "jpg"):
-        from ..errors import NoiseQueryError
-
-        raise NoiseQueryError(f"Thumbnail format {thumbnail_format!r} is not supported; use 'webp' or 'jpg'.")
-    if thumbnail_size < 0:
-        from ..errors import NoiseQueryError
-
-        raise NoiseQueryError(f"Thumbnail size {thumbnail_size} must be 0 (none) or a positive number of pixels.")
+    if thumbnail_format.lower() not in THUMBNAIL_FORMATS:
+        raise NoiseQueryError(f"Thumbnail format {thumbnail_format!r} is not supported; use {' or '.join(map(repr, THUMBNAIL_FORMATS))}.")
+    if not 0 <= thumbnail_size <= MAX_THUMBNAIL_SIZE:
+        raise NoiseQueryError(
+            f"Thumbnail size {thumbnail_size} must be 0 (none) or a number of pixels up to {MAX_THUMBNAIL_SIZE}."
+        )
     return FeatureSet(
         clip=embedder.identity if embedder is not None else None,
         color_version=color.COLOR_VERSION,
@@ -51,7 +50,15 @@ class FeatureExtractor:
 
     def __init__(self, features: FeatureSet, embedder: ClipEmbedder | None):
         if (features.clip is None) != (embedder is None):
-            raise ValueError("the embedder must be given exactly when the feature set has CLIP")
+            if embedder is None:
+                raise IncompatibleLibraryError(
+                    f"This library stores CLIP features ({features.describe()}) but no CLIP model was given; load "
+                    f"that CLIP model ({features.clip.describe() if features.clip else '?'}) to add entries to it."
+                )
+            raise IncompatibleLibraryError(
+                f"This library is colour-only ({features.describe()}) but a CLIP model ({embedder.identity.describe()}) "
+                "was given; add entries without a CLIP model (clip_model 'none'), or use a library built with CLIP."
+            )
         self.features = features
         self.embedder = embedder
 

@@ -6,29 +6,40 @@ with the stored float16 embeddings, so scores are always exact cosines and memor
 near the fp16 size. The index lives in ``<library>/index/`` with ``clip.json`` describing
 it (autofaiss-style); it is derived data: deleting it only costs a rebuild. Rows, not
 seeds, are faiss ids (faiss ids are int64, seeds are uint64).
+
+A shared library's index is untrusted: ``clip.json`` records the SHA-256 of ``clip.faiss``
+and a fingerprint of the rows it covers, and an index that fails any check (checksum,
+dimension, training state, row count, another library's rows) is ignored with a warning and
+rebuilt (in memory for readers, on disk by the next writer), never a traceback.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..errors import MissingDependencyError
-from ..library.manifest import atomic_write_bytes
+from ..errors import LibraryError, MissingDependencyError, QueryError
+from ..library import safefs
+from ..library.manifest import atomic_write_bytes, parse_json
 from ..library.storage import Library
+from ..work import Progress, no_progress
 
 log = logging.getLogger("noisequery")
 
 EXACT_MAX = 20_000
-INDEX_DIR = "index"
+INDEX_DIR = "index"  # = storage.INDEX_DIR
+# An IVF index needs enough rows to train (faiss wants ~39 per list, and there are at least 64
+# lists); below this a library is always searched exactly, whatever exact_max says.
+IVF_MIN_ROWS = 40 * 64
+INDEX_FORMAT = 2  # clip.json layout; 1 (no checksum) is rebuilt
+_INFO_MAX_BYTES = 64 << 10
 # PQ codes only shortlist: this many candidates (at least) are re-ranked with the exact fp16
 # embeddings. Re-ranking 500 rows costs ~1 ms; with fewer, PQ error caps recall on dense data.
 RERANK_MIN = 500
@@ -90,7 +101,10 @@ class ClipSearcher:
 
     def __init__(self, library: Library, *, exact_max: int = EXACT_MAX):
         if not library.has_clip:
-            raise ValueError("library has no CLIP column")
+            raise QueryError(
+                f"Library {library.path} has no CLIP features (built with CLIP model 'none'), so it cannot be searched "
+                "by text or example image. Use colour queries, or rebuild/import it with a CLIP model."
+            )
         self.library = library
         self.exact_max = exact_max
         self._count = -1
@@ -111,7 +125,7 @@ class ClipSearcher:
         n = self.library.count
         if n == self._count:
             return
-        if n <= self.exact_max:
+        if n <= self.exact_max or n < IVF_MIN_ROWS:
             self._dense = _f32(self.embeddings)
             self._ivf = None
         else:
@@ -128,12 +142,18 @@ class ClipSearcher:
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
         if self._dense is not None:
             return exact_topk(self._dense, q, k)
-        if exact:
+        if exact or self._ivf is None:
             return exact_topk(self.embeddings, q, k)
         kprime = rerank_pool(k, self.library.count)
-        self._ivf.nprobe = self.info.nprobe if self.info else 16
-        _, ids = self._ivf.search(q[None, :], kprime)
-        rows = ids[0][ids[0] >= 0]
+        try:
+            self._ivf.nprobe = self.info.nprobe if self.info else 16
+            _, ids = self._ivf.search(q[None, :], kprime)
+        except Exception as exc:  # faiss raises RuntimeError/AssertionError on an index it cannot use
+            log.warning("search index of %s failed (%s); searching exactly from now on", self.library.path, exc)
+            self._ivf, self.info = None, None
+            return exact_topk(self.embeddings, q, k)
+        # Ids are rows; one outside the committed rows can only come from a damaged index.
+        rows = ids[0][(ids[0] >= 0) & (ids[0] < self.library.count)]
         scores = self.scores(rows, q)
         order = np.argsort(-scores, kind="stable")[:k]
         return rows[order].astype(np.int64), scores[order]
@@ -172,11 +192,17 @@ def _choose_params(n: int, dim: int) -> tuple[int, int]:
     return nlist, max(1, m)
 
 
-def build_index(library: Library, *, progress: Any = None) -> tuple[Any, IndexInfo]:
-    """Train an IVF-PQ index on the library's embeddings, add all rows and tune nprobe."""
+def build_index(library: Library, *, progress: Progress = no_progress) -> tuple[Any, IndexInfo]:
+    """Train an IVF-PQ index on the library's embeddings, add all rows and tune nprobe.
+
+    ``progress`` (noisequery_core.work) counts rows added to the index, after training on a sample.
+    Raises LibraryError for a library with fewer than IVF_MIN_ROWS entries (too few to train).
+    """
     faiss = _faiss()
     emb = library.column("clip")
     n, dim = emb.shape
+    if n < IVF_MIN_ROWS:
+        raise LibraryError(exact_note(n))
     nlist, m = _choose_params(n, dim)
     rng = np.random.default_rng(0)
     ntrain = min(n, max(40 * nlist, 20_000))
@@ -186,6 +212,7 @@ def build_index(library: Library, *, progress: Any = None) -> tuple[Any, IndexIn
     index = faiss.IndexIVFPQ(quantizer, dim, nlist, m, 8, faiss.METRIC_INNER_PRODUCT)
     index.cp.niter = 10
     log.info("training IVF%d,PQ%d on %d of %d vectors", nlist, m, ntrain, n)
+    progress(0, n, f"training the index on {ntrain} vectors")
     index.train(xt)
     _add_rows(index, emb, 0, n, progress)
     nprobe, recall = _tune_nprobe(index, emb, rng)
@@ -193,12 +220,11 @@ def build_index(library: Library, *, progress: Any = None) -> tuple[Any, IndexIn
     return index, info
 
 
-def _add_rows(index: Any, emb: np.ndarray, start: int, stop: int, progress: Any = None) -> None:
+def _add_rows(index: Any, emb: np.ndarray, start: int, stop: int, progress: Progress = no_progress) -> None:
     for s in range(start, stop, _CHUNK):
         e = min(stop, s + _CHUNK)
         index.add_with_ids(_f32(emb[s:e]), np.arange(s, e, dtype=np.int64))
-        if progress:
-            progress(e - start, stop - start)
+        progress(e - start, stop - start, "adding rows to the index")
 
 
 def _tune_nprobe(index: Any, emb: np.ndarray, rng: np.random.Generator, nq: int = 100) -> tuple[int, float]:
@@ -228,44 +254,157 @@ def _tune_nprobe(index: Any, emb: np.ndarray, rng: np.random.Generator, nq: int 
     return nprobe, recall
 
 
-def load_index(library: Library) -> tuple[Any, IndexInfo] | None:
+def exact_note(n: int) -> str:
+    """Why a library of ``n`` entries has no approximate index."""
+    return (
+        f"{n} entries: searched exactly. An approximate (IVF) index needs at least {IVF_MIN_ROWS} entries to train, "
+        "and exact search is fast at this size."
+    )
+
+
+def _rows_fingerprint(library: Library, ntotal: int) -> str:
+    """Binds an index to the rows it covers: their seeds and a spread sample of their embeddings."""
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(library.seeds[:ntotal]).tobytes())
+    sample = np.unique(np.linspace(0, max(ntotal - 1, 0), num=min(ntotal, 256)).astype(np.int64))
+    h.update(np.ascontiguousarray(library.column("clip")[sample]).tobytes())
+    return h.hexdigest()
+
+
+def _int(meta: dict[str, Any], key: str, lo: int, hi: int) -> int:
+    v = meta.get(key)
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise ValueError(f"clip.json field {key!r} is {str(v)[:40]!r}, not a whole number from {lo} to {hi}")
+    return v
+
+
+def _parse_info(meta: Any, library: Library) -> tuple[IndexInfo, dict[str, Any]]:
+    """Validated IndexInfo and checks from clip.json; ValueError saying what does not fit this library."""
+    if not isinstance(meta, dict):
+        raise ValueError("clip.json does not hold a JSON object")
+    if meta.get("format") != INDEX_FORMAT:
+        raise ValueError(f"clip.json has format {str(meta.get('format'))[:20]!r} (this version writes {INDEX_FORMAT})")
+    if meta.get("kind") != "ivfpq":
+        raise ValueError(f"clip.json describes a {str(meta.get('kind'))[:40]!r} index, not ivfpq")
+    ident = library.features.clip
+    dim = ident.dim if ident else 0
+    if meta.get("dim") != dim or meta.get("clip") != (ident.describe() if ident else ""):
+        raise ValueError(f"the index is for {str(meta.get('clip'))[:80]!r} vectors of dimension {str(meta.get('dim'))[:12]}, "
+                         f"the library holds {ident.describe() if ident else 'none'}")
+    nlist = _int(meta, "nlist", 1, 1 << 20)
+    recall = meta.get("recall_at_10")
+    if isinstance(recall, bool) or not isinstance(recall, (int, float)) or not 0 <= recall <= 1:
+        raise ValueError(f"clip.json field 'recall_at_10' is {str(recall)[:40]!r}")
+    info = IndexInfo(
+        kind="ivfpq",
+        nlist=nlist,
+        m=_int(meta, "m", 1, max(dim, 1)),
+        nprobe=_int(meta, "nprobe", 1, nlist),
+        ntotal=_int(meta, "ntotal", 1, library.count),
+        trained_on=_int(meta, "trained_on", 1, 1 << 40),
+        clip=str(meta["clip"]),
+        recall_at_10=float(recall),
+    )
+    checks = {k: meta.get(k) for k in ("sha256", "rows_sha256")}
+    for k, v in checks.items():
+        if not (isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v)):
+            raise ValueError(f"clip.json field {k!r} is not a SHA-256 digest")
+    return info, checks
+
+
+def _read_index(library: Library) -> tuple[Any, IndexInfo] | str | None:
+    """The saved index when it passes every check; a sentence saying why not; None when there is none."""
     faiss = _faiss()
+    root = library.path
     fidx, finfo = _index_paths(library)
-    if not (fidx.exists() and finfo.exists()):
-        return None
     try:
-        info = IndexInfo(**json.loads(finfo.read_text()))
-        index = faiss.read_index(str(fidx))
-    except Exception as exc:  # a damaged derived file is rebuilt, never fatal
-        log.warning("index in %s is unreadable (%s); it will be rebuilt", fidx.parent, exc)
-        return None
-    if index.ntotal != info.ntotal or info.ntotal > library.count:
-        log.warning("index in %s does not match the library; it will be rebuilt", fidx.parent)
-        return None
+        if safefs.check(root, INDEX_DIR, "dir") is None:
+            return None
+        have = [safefs.check(root, f"{INDEX_DIR}/{p.name}", "file") is not None for p in (fidx, finfo)]
+        if not any(have):
+            return None
+        if not all(have):
+            return f"{fidx if not have[0] else finfo} is missing"
+        meta = parse_json(safefs.read_bytes(root, f"{INDEX_DIR}/{finfo.name}", limit=_INFO_MAX_BYTES), finfo)
+        info, checks = _parse_info(meta, library)
+        dim = library.features.clip.dim if library.features.clip else 0
+        # Bound the read by what an index of this shape can weigh (codes + ids + centroids), so a
+        # huge foreign file is refused before it is read.
+        limit = 2 * (info.ntotal * (info.m + 8) + (info.nlist + 256) * dim * 4) + (16 << 20)
+        data = safefs.read_bytes(root, f"{INDEX_DIR}/{fidx.name}", limit=limit)
+    except (LibraryError, ValueError) as exc:
+        return str(exc)
+    if hashlib.sha256(data).hexdigest() != checks["sha256"]:
+        return f"{fidx} does not match the checksum recorded in {finfo.name} (damaged, or replaced)"
+    if _rows_fingerprint(library, info.ntotal) != checks["rows_sha256"]:
+        return f"{fidx} was built over other entries (another library's index, or the library's rows changed)"
+    try:
+        index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+    except Exception as exc:  # faiss reports a malformed file as RuntimeError with a C++ trace
+        return f"faiss cannot read {fidx} ({str(exc).splitlines()[0][:160]})"
+    if (
+        getattr(index, "nlist", None) != info.nlist
+        or index.d != dim
+        or not index.is_trained
+        or index.ntotal != info.ntotal
+        or type(index).__name__ != "IndexIVFPQ"
+    ):
+        return f"{fidx} is not the trained IVF-PQ index its {finfo.name} describes"
     return index, info
 
 
+def load_index(library: Library) -> tuple[Any, IndexInfo] | None:
+    """The saved index and its description, or None when there is none or it cannot be used (logged)."""
+    got = _read_index(library)
+    if isinstance(got, str):
+        log.warning("search index of %s ignored: %s. It is rebuilt (in memory now, on disk by the next write or "
+                    "`python -m noisequery_core index --library …`).", library.path, got)
+        return None
+    return got
+
+
+def check_index(library: Library) -> str | None:
+    """A sentence for `verify` when the saved index is unusable, missing where needed, or behind; else None."""
+    if not library.has_clip:
+        return None
+    got = _read_index(library)
+    n = library.count
+    if isinstance(got, str):
+        return f"the search index cannot be used ({got}); searches rebuild it in memory and the next write saves a new one."
+    if got is None:
+        if n > EXACT_MAX:
+            return f"no saved search index for {n} entries; run `python -m noisequery_core index --library …` to save one."
+        return None
+    if got[1].ntotal < n:
+        return f"the search index covers {got[1].ntotal} of {n} entries; searches catch up in memory."
+    return None
+
+
 def save_index(library: Library, index: Any, info: IndexInfo) -> None:
+    """Write clip.faiss, then clip.json with its checksum (atomic, fsynced, never through a link)."""
     faiss = _faiss()
     fidx, finfo = _index_paths(library)
-    fidx.parent.mkdir(exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".clip.", suffix=".tmp", dir=fidx.parent)
-    os.close(fd)
-    try:
-        faiss.write_index(index, tmp)
-        os.replace(tmp, fidx)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    atomic_write_bytes(finfo, json.dumps(info.to_json(), indent=2).encode())
+    safefs.ensure_dir(library.path, INDEX_DIR)
+    data = faiss.serialize_index(index).tobytes()
+    meta = {
+        **info.to_json(),
+        "format": INDEX_FORMAT,
+        "dim": int(index.d),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "rows_sha256": _rows_fingerprint(library, info.ntotal),
+    }
+    # clip.faiss first: a crash between the two leaves a checksum mismatch, which is rebuilt.
+    atomic_write_bytes(fidx, data)
+    atomic_write_bytes(finfo, json.dumps(meta, indent=2).encode())
 
 
-def ensure_index(library: Library, *, persist: bool, progress: Any = None) -> tuple[Any, IndexInfo]:
+def ensure_index(library: Library, *, persist: bool, progress: Progress = no_progress) -> tuple[Any, IndexInfo]:
     """The library's IVF-PQ index, brought up to date with its committed rows.
 
     Rows appended since the index was saved are added; an index trained on far fewer rows
     than the library now holds (< 1/4) is rebuilt. With ``persist`` the result is saved
     atomically (writers do this after committing; readers catch up in memory only).
+    ``progress`` (noisequery_core.work) counts rows added, when there are any.
     """
     got = load_index(library)
     n = library.count
@@ -283,8 +422,8 @@ def ensure_index(library: Library, *, persist: bool, progress: Any = None) -> tu
     return index, info
 
 
-def maintain_index(library: Library, *, exact_max: int = EXACT_MAX, progress: Any = None) -> IndexInfo | None:
+def maintain_index(library: Library, *, exact_max: int = EXACT_MAX, progress: Progress = no_progress) -> IndexInfo | None:
     """Bring the persisted index in step with the committed rows (call with the writer lock held)."""
-    if not library.has_clip or library.count <= exact_max:
+    if not library.has_clip or library.count <= exact_max or library.count < IVF_MIN_ROWS:
         return None
     return ensure_index(library, persist=True, progress=progress)[1]

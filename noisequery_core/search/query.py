@@ -8,12 +8,16 @@ standard deviations of this term are worth one of that term", whatever the term.
 
 All CLIP terms are linear in the stored embedding, so together they fold into a single
 query vector that the ANN index can search; colour terms are cheap column scans.
+
+Each kind of term is a small class with one method, ``score(rows) -> raw values``, made from
+its part of the Query by a builder function (search/terms.py). The Searcher only composes them:
+it standardises every term on a sample of the library and adds them up by weight.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -25,6 +29,7 @@ from ..errors import QueryError
 from ..library.storage import Library
 from . import color
 from .index import ClipSearcher
+from .terms import ScanColumns, Term, clip_terms, color_term, layout_term, region_term, stat_term
 
 log = logging.getLogger("noisequery")
 
@@ -132,28 +137,26 @@ class Hit:
         }
 
 
-# ---------------------------------------------------------------- column caches
+# ---------------------------------------------------------------- composing terms
 
 
-class _Columns:
-    """Column-major float copies of the colour columns (fast per-feature scans)."""
+@dataclass(eq=False)
+class _Scaled:
+    """A term with the mean and spread of its raw values over the library sample (z = (raw − mu) / sigma)."""
 
-    def __init__(self, library: Library):
-        self.count = library.count
-        self.stats = np.ascontiguousarray(np.asarray(library.column("stats"), dtype=np.float32).T)  # [S, N]
-        # float32 so a colour query is a few contiguous multiply-adds per active bin (the
-        # histogram is the only colour feature scanned in full: 256 B per entry in RAM).
-        self.hist = np.ascontiguousarray(np.asarray(library.column("hist"), dtype=np.float32).T)  # [B, N]
-        self.regions = np.ascontiguousarray(np.asarray(library.column("regions")).transpose(1, 2, 0))  # fp16 [R,3,N]
-
-
-@dataclass
-class _Term:
-    name: str
-    weight: float
-    raw: Callable[[np.ndarray | None], np.ndarray]  # rows (None = all) -> raw values
+    term: Term
     mu: float = 0.0
     sigma: float = 1.0
+
+    def weighted(self, raw: np.ndarray) -> np.ndarray:
+        return self.term.weight * (raw - self.mu) / self.sigma
+
+
+def _scale(term: Term, sample_raw: np.ndarray) -> _Scaled:
+    return _Scaled(term, float(sample_raw.mean()), float(sample_raw.std()) or 1.0)
+
+
+# ---------------------------------------------------------------- the searcher
 
 
 class Searcher:
@@ -164,14 +167,14 @@ class Searcher:
         self.embedder = embedder
         self._clip: ClipSearcher | None = None
         self._exact_max = exact_max
-        self._cols: _Columns | None = None
+        self._cols: ScanColumns | None = None
         self._sample: np.ndarray | None = None
         self._sample_emb: tuple[int, np.ndarray] | None = None
 
     # -- caches, refreshed when the library grows
-    def _columns(self) -> _Columns:
+    def _columns(self) -> ScanColumns:
         if self._cols is None or self._cols.count != self.library.count:
-            self._cols = _Columns(self.library)
+            self._cols = ScanColumns(self.library)
             self._sample = None
         return self._cols
 
@@ -234,12 +237,9 @@ class Searcher:
         if not (query.has_clip_terms or query.has_color_terms):
             raise QueryError("The query is empty: give a text, an example image, a colour or a statistic target.")
 
-        clip_vec, clip_offset, clip_terms = self._clip_terms(query)
-        color_terms = self._color_terms(query)
+        clip_vec, clip_offset, clip_scaled = self._clip_part(query)
         sample = self._sample_rows()
-        for t in color_terms:
-            v = t.raw(sample)
-            t.mu, t.sigma = float(v.mean()), float(v.std()) or 1.0
+        color_scaled = [_scale(t, t.score(sample)) for t in self._color_terms(query)]
 
         exclude = lib.rows_of(list(query.exclude_seeds)) if query.exclude_seeds else np.zeros(0, np.int64)
         exclude = exclude[exclude >= 0]
@@ -256,9 +256,9 @@ class Searcher:
             if every is not None:  # exact mode: every row is a candidate
                 cand, clip_w = np.arange(n, dtype=np.int64), every
             else:
-                if color_terms:  # ANN candidates ∪ best by colour, so neither side is cut off
+                if color_scaled:  # ANN candidates ∪ best by colour, so neither side is cut off
                     ann, _ = cs.search(clip_vec, max(pool * 4, 50))
-                    ctot = self._color_total(color_terms, None)
+                    ctot = self._color_total(color_scaled, None)
                     m = min(len(ctot), max(pool * 4, 50))
                     cand = np.union1d(ann, np.argpartition(-ctot, m - 1)[:m])
                     clip_w = cs.scores(cand, clip_vec)
@@ -276,9 +276,9 @@ class Searcher:
         if clip_w is not None:
             total += clip_w - clip_offset
         every_row = len(cand) == n  # then terms scan their columns directly instead of gathering
-        color_raw = {t.name: t.raw(None if every_row else cand) for t in color_terms}
-        for t in color_terms:
-            total += t.weight * (color_raw[t.name] - t.mu) / t.sigma
+        color_raw = [t.term.score(None if every_row else cand) for t in color_scaled]
+        for t, values in zip(color_scaled, color_raw):
+            total += t.weighted(values)
 
         pool = min(pool, len(cand))
         top = np.argpartition(-total, pool - 1)[:pool] if pool < len(cand) else np.arange(len(cand))
@@ -288,22 +288,22 @@ class Searcher:
         top = top[:k]
 
         rows = cand[top]
-        raws = {t.name: t.raw(rows) for t in clip_terms}
-        raws.update({t.name: color_raw[t.name][top] for t in color_terms})
+        scaled = [*clip_scaled, *color_scaled]
+        raws = [t.term.score(rows) for t in clip_scaled] + [values[top] for values in color_raw]
         seeds = lib.seeds
         hits: list[Hit] = []
         for j, i in enumerate(top):
             terms: dict[str, TermScore] = {}
-            for t in (*clip_terms, *color_terms):
-                raw = float(raws[t.name][j])
+            for t, r in zip(scaled, raws):
+                raw = float(r[j])
                 z = (raw - t.mu) / t.sigma
-                terms[t.name] = TermScore(raw, z, t.weight * z)
+                terms[t.term.name] = TermScore(raw, z, t.term.weight * z)
             seed = int(seeds[rows[j]])
             hits.append(Hit(seed=seed, row=int(rows[j]), score=float(total[i]), terms=terms, thumbnail=lib.thumbnail_path(seed)))
         return hits
 
-    # -- term construction
-    def _clip_terms(self, query: Query) -> tuple[np.ndarray | None, float, list[_Term]]:
+    # -- composing the terms
+    def _clip_part(self, query: Query) -> tuple[np.ndarray | None, float, list[_Scaled]]:
         """All CLIP terms folded into one vector: Σ wᵢ(vᵢ·x − μᵢ)/σᵢ = (Σ wᵢvᵢ/σᵢ)·x − offset."""
         if not query.has_clip_terms:
             return None, 0.0, []
@@ -313,126 +313,34 @@ class Searcher:
                 f"Library {lib.path} has no CLIP features (built with CLIP model 'none'), so it cannot answer "
                 "text or image-example queries. Use colour queries, or rebuild/import it with a CLIP model."
             )
-        vecs: list[tuple[str, np.ndarray, float]] = []
-        if query.text.strip():
-            vecs.append(("text", self.encode_text(query.text), query.text_weight))
-        if query.negative_text.strip():
-            vecs.append(("negative_text", self.encode_text(query.negative_text), -abs(query.negative_weight)))
-        if query.image_embedding is not None:
-            e = np.asarray(query.image_embedding, dtype=np.float32).reshape(-1)
-            if e.shape[0] != lib.features.clip.dim:
-                raise QueryError(
-                    f"Example-image embedding has {e.shape[0]} dimensions, the library's CLIP has {lib.features.clip.dim}."
-                )
-            vecs.append(("image", e / max(float(np.linalg.norm(e)), 1e-12), query.image_weight))
-        emb_sample = self._sample_embeddings()
-        searcher = self.clip_searcher()
-        terms: list[_Term] = []
+        terms = clip_terms(query, self.encode_text, lib.features.clip.dim, self.clip_searcher())
+        emb_sample = self._sample_embeddings()  # cached: the sample's statistics need no gather per query
         combined = np.zeros(lib.features.clip.dim, np.float32)
         offset = 0.0
-        for name, v, w in vecs:
-            s = emb_sample @ v
-            mu, sigma = float(s.mean()), float(s.std()) or 1.0
-            combined += (w / sigma) * v
-            offset += w * mu / sigma
+        scaled: list[_Scaled] = []
+        for t in terms:
+            st = _scale(t, emb_sample @ t.vector)
+            combined += (t.weight / st.sigma) * t.vector
+            offset += t.weight * st.mu / st.sigma
+            scaled.append(st)
+        return combined, offset, scaled
 
-            def raw(rows: np.ndarray | None, v: np.ndarray = v) -> np.ndarray:
-                assert rows is not None
-                return searcher.scores(rows, v)
-
-            terms.append(_Term(name, w, raw, mu, sigma))
-        return combined, offset, terms
-
-    def _color_terms(self, query: Query) -> list[_Term]:
-        terms: list[_Term] = []
+    def _color_terms(self, query: Query) -> list[Term]:
+        """The query's colour-side terms, in order: colours, statistics, regions, layout."""
         if not query.has_color_terms:
-            return terms
+            return []
         cols = self._columns()
-
-        def pick(a: np.ndarray, rows: np.ndarray | None) -> np.ndarray:
-            return a if rows is None else a[..., rows]
-
-        for hexcol, w in query.colors:
-            kern = color.color_kernel(color.parse_hex_color(hexcol))
-            active = np.nonzero(kern > 1e-2)[0]  # the rest holds a few % of the kernel's mass
-
-            def raw_color(rows: np.ndarray | None, kern: np.ndarray = kern, active: np.ndarray = active) -> np.ndarray:
-                out = np.zeros(self._nrows(rows), np.float32)
-                for b in active:
-                    out += kern[b] * pick(cols.hist[b], rows)
-                return out
-
-            terms.append(_Term(f"color {hexcol}", float(w), raw_color))
-        for st in query.stats:
-            if st.name not in color.STAT_INDEX:
-                raise QueryError(f"Unknown statistic {st.name!r}; known: {', '.join(color.STAT_NAMES)}.")
-            spec = color.STATS[color.STAT_INDEX[st.name]]
-            if st.target is None and st.lo is None and st.hi is None:
-                raise QueryError(f"Statistic {st.name!r} needs a target value or a range.")
-            for label, val in (("target", st.target), ("lo", st.lo), ("hi", st.hi)):
-                if val is not None and not (spec.lo - 1e-9 <= float(val) <= spec.hi + 1e-9):
-                    raise QueryError(f"{st.name} {label} {val} is outside its range {spec.lo}..{spec.hi}.")
-            if st.lo is not None and st.hi is not None and st.lo > st.hi:
-                raise QueryError(f"{st.name}: range low {st.lo} is above high {st.hi}.")
-            col = cols.stats[color.STAT_INDEX[st.name]]
-
-            def raw_stat(rows: np.ndarray | None, col: np.ndarray = col, st: StatTarget = st) -> np.ndarray:
-                x = pick(col, rows)
-                if st.target is not None:
-                    return -np.abs(x - np.float32(st.target))
-                d = np.zeros_like(x)
-                if st.lo is not None:
-                    d += np.maximum(np.float32(st.lo) - x, 0)
-                if st.hi is not None:
-                    d += np.maximum(x - np.float32(st.hi), 0)
-                return -d
-
-            label = f"{st.name}={st.target}" if st.target is not None else f"{st.name} in [{st.lo},{st.hi}]"
-            terms.append(_Term(label, float(st.weight), raw_stat))
-        for rt in query.regions:
-            if rt.region not in color.REGION_NAMES:
-                raise QueryError(f"Unknown region {rt.region!r}; known: {', '.join(color.REGION_NAMES)}.")
-            if rt.color is None and rt.lightness is None:
-                raise QueryError(f"Region {rt.region!r} needs a colour or a lightness.")
-            if rt.lightness is not None and not 0.0 <= rt.lightness <= 1.0:
-                raise QueryError(f"Lightness {rt.lightness} for region {rt.region!r} must be between 0 and 1.")
-            r = color.REGION_NAMES.index(rt.region)
-            target_lab = color.srgb_to_lab(color.parse_hex_color(rt.color)) if rt.color is not None else None
-
-            def raw_region(rows: np.ndarray | None, r: int = r, lab: np.ndarray | None = target_lab, rt: RegionTarget = rt) -> np.ndarray:
-                if lab is not None:
-                    d2 = sum((pick(cols.regions[r, c], rows).astype(np.float32) - lab[c]) ** 2 for c in range(3))
-                    return -np.sqrt(d2)
-                assert rt.lightness is not None
-                return -np.abs(pick(cols.regions[r, 0], rows).astype(np.float32) - 100.0 * rt.lightness)
-
-            what = rt.color if rt.color is not None else f"L={rt.lightness}"
-            terms.append(_Term(f"{rt.region} {what}", float(rt.weight), raw_region))
+        terms: list[Term] = [color_term(cols, hexcol, w) for hexcol, w in query.colors]
+        terms += [stat_term(cols, st) for st in query.stats]
+        terms += [region_term(cols, rt) for rt in query.regions]
         if query.layout is not None:
-            target = color.layout_to_lab(np.asarray(query.layout)).reshape(-1, 3)
-            if target.shape != (color.GRID * color.GRID, 3):
-                raise QueryError(f"Layout must be a {color.GRID}×{color.GRID}×3 grid, got {np.asarray(query.layout).shape}.")
-            layout_col = self.library.column("layout")
-
-            def raw_layout(rows: np.ndarray | None, target: np.ndarray = target) -> np.ndarray:
-                idx = np.arange(self.library.count) if rows is None else np.asarray(rows)
-                out = np.empty(len(idx), np.float32)
-                for s in range(0, len(idx), 16384):
-                    part = idx[s : s + 16384]
-                    lab = color.layout_to_lab(layout_col[part]).reshape(len(part), -1, 3)
-                    out[s : s + len(part)] = -np.sqrt(((lab - target) ** 2).sum(-1)).mean(-1)
-                return out
-
-            terms.append(_Term("layout", float(query.layout_weight), raw_layout))
+            terms.append(layout_term(self.library, query.layout, query.layout_weight))
         return terms
 
-    def _nrows(self, rows: np.ndarray | None) -> int:
-        return self.library.count if rows is None else len(rows)
-
-    def _color_total(self, terms: list[_Term], rows: np.ndarray | None) -> np.ndarray:
-        total = np.zeros(self._nrows(rows), np.float32)
+    def _color_total(self, terms: list[_Scaled], rows: np.ndarray | None) -> np.ndarray:
+        total = np.zeros(self.library.count if rows is None else len(rows), np.float32)
         for t in terms:
-            total += t.weight * (t.raw(rows) - t.mu) / t.sigma
+            total += t.weighted(t.term.score(rows))
         return total
 
     def _mmr(self, cand: np.ndarray, total: np.ndarray, top: np.ndarray, k: int, diversity: float) -> np.ndarray:

@@ -88,3 +88,17 @@ def test_future_schema_via_cli(folder: Path, tmp_path: Path) -> None:
     (lib / "manifest.json").write_text(json.dumps(m))
     code, _ = run(["info", "--library", str(lib)])
     assert code == 2
+
+
+def test_progress_bar_on_stderr_only_and_quiet_silences_it(folder: Path, tmp_path: Path) -> None:
+    def import_(lib: str, *extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "noisequery_core", "import", str(folder), "--library", lib,
+                               "--clip-model", "none", "--json", *extra], cwd=ROOT, capture_output=True, text=True,
+                              timeout=300)
+
+    r = import_(str(tmp_path / "a"))
+    assert r.returncode == 0 and json.loads(r.stdout)["added"] == 3  # stdout is only the JSON
+    assert "import" in r.stderr and "3/3" in r.stderr, r.stderr
+    q = import_(str(tmp_path / "b"), "--quiet")
+    assert q.returncode == 0 and json.loads(q.stdout)["added"] == 3
+    assert "3/3" not in q.stderr and "\r" not in q.stderr, q.stderr  # only the warning about bad.png is left

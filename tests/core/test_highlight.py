@@ -9,34 +9,34 @@ import pytest
 import torch
 
 from noisequery_core.errors import HighlightError
-from noisequery_core.guidance.highlight import (
-    EMPTY_HIGHLIGHTS,
+from noisequery_core.guidance.attention import attention_bias, phrase_attention_mass
+from noisequery_core.guidance.preview import PREVIEW_MAX_SIDE, preview_shape
+from noisequery_core.guidance.refocus import refocus_loss
+from noisequery_core.guidance.regions import (
     MAP_TOLERANCE,
     MAX_MAP_SIDE,
+    highlight_map,
+    level_shape,
+    map_centroid_and_area,
+    principal_axis_degrees,
+    stroke_map,
+    strokes_map,
+)
+from noisequery_core.guidance.schedule import guidance_weight
+from noisequery_core.guidance.strokes import (
+    EMPTY_HIGHLIGHTS,
     MAX_PHRASES,
     MAX_POINTS,
     MAX_STROKES,
     MAX_TOTAL_POINTS,
-    PREVIEW_MAX_SIDE,
     Highlight,
     Stroke,
-    attention_bias,
     check_masks,
-    find_phrase_positions,
     group_highlights,
-    guidance_weight,
-    highlight_map,
-    level_shape,
-    map_centroid_and_area,
     parse_strokes,
-    phrase_attention_mass,
-    preview_shape,
-    principal_axis_degrees,
-    refocus_loss,
-    stroke_map,
-    strokes_map,
     strokes_to_json,
 )
+from noisequery_core.guidance.tokens import find_phrase_positions
 
 
 def line(angle_deg: float, length: float = 0.5, cx: float = 0.5, cy: float = 0.5, aspect: float = 1.0,

@@ -99,4 +99,16 @@ def test_combined_query_on_ivf_matches_exact(big_library: Library, monkeypatch: 
     exact = Searcher(lib, embedder=emb, exact_max=10**9).search(query)
     assert [h.seed for h in approx] == [h.seed for h in exact]
     assert approx[0].seed == int(lib.seeds[42])
-    assert nq_index.EXACT_MAX >= 1000
+
+
+def test_default_threshold_keeps_small_libraries_exact(big_library: Library) -> None:
+    """With the default threshold (EXACT_MAX) a library of this size is searched exactly and gets no index file;
+    one entry past the threshold switches to the approximate index."""
+    lib = big_library
+    assert lib.count <= nq_index.EXACT_MAX
+    with lib.writer():
+        assert maintain_index(lib) is None
+    assert not (lib.path / "index" / "clip.faiss").exists()
+    assert ClipSearcher(lib).mode == "exact"
+    assert ClipSearcher(lib, exact_max=lib.count).mode == "exact"
+    assert ClipSearcher(lib, exact_max=lib.count - 1).mode == "ivfpq"

@@ -15,6 +15,7 @@ from conftest import solid
 
 from noisequery_core import Library, import_folder, parse_seed_name, verify
 from noisequery_core.errors import Cancelled
+from noisequery_core.work import cancel_when
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -71,7 +72,8 @@ def test_import_with_clip_and_cancel_keeps_committed(tmp_path: Path, tiny_clip) 
         return calls["n"] > 2
 
     with pytest.raises(Cancelled, match="run it again to continue"):
-        import_folder(src, tmp_path / "lib", embedder=tiny_clip, batch_size=3, check_cancel=cancel_after_two)
+        import_folder(src, tmp_path / "lib", embedder=tiny_clip, batch_size=3,
+                      check_cancel=cancel_when(cancel_after_two, "the import"))
     assert Library.open(tmp_path / "lib").count == 6
     rep = import_folder(src, tmp_path / "lib", embedder=tiny_clip, batch_size=3)
     assert rep.added == 4 and rep.already_present == 6
@@ -86,7 +88,7 @@ KILL_SCRIPT = """
 import sys
 from noisequery_core import import_folder
 import_folder(sys.argv[1], sys.argv[2], embedder=None, batch_size=4, workers=1, thumbnail_size=16,
-              progress=lambda d, t: print(d, flush=True))
+              progress=lambda d, t, m='': print(d, flush=True))
 """
 
 

@@ -124,12 +124,18 @@ def test_unequal_token_lengths_are_repeated_to_their_lcm() -> None:
         interpolate_tokens(a, torch.randn(1, 77, 16), [0.5])
 
 
-def test_repeat_padding_leaves_cross_attention_unchanged() -> None:
-    """Why repeating is the right padding: attention over keys repeated k times gives the same output."""
+def test_padded_prompts_attend_as_the_prompt_alone() -> None:
+    """The padding match_token_length (and so interpolate_tokens) applies to the shorter prompt leaves every
+    cross-attention over it unchanged: at t=0 a 77-token prompt blended with a 154-token one conditions the
+    UNet exactly as the 77-token prompt alone. (Zero or end-token padding would move attention onto the pad.)"""
     q = torch.randn(1, 10, 32)
-    ctx = torch.randn(1, 77, 32)
+    short, long = torch.randn(1, 77, 32), torch.randn(1, 154, 32)
     att = lambda k: torch.softmax(q @ k.transpose(1, 2) / math.sqrt(32), -1) @ k  # noqa: E731
-    assert torch.allclose(att(ctx), att(ctx.repeat(1, 2, 1)), atol=1e-5)
+    padded, _ = match_token_length(short, long)
+    assert padded.shape == (1, 154, 32)
+    assert torch.allclose(att(padded), att(short), atol=1e-5)
+    at_a = interpolate_tokens(short, long, [0.0], "slerp")
+    assert at_a.shape == (1, 154, 32) and torch.allclose(att(at_a), att(short), atol=1e-5)
 
 
 def test_pooled_outputs_interpolate() -> None:

@@ -13,6 +13,7 @@ import torch
 from noisequery_core.directions.noiseclr import (
     Directions,
     TrainSettings,
+    check_directions_name,
     checkpoint_path_for,
     contrastive_loss,
     evaluate_loss,
@@ -109,13 +110,14 @@ SETTINGS = TrainSettings(num_directions=4, directions_per_iteration=3, iteration
 
 
 def test_training_decreases_loss_and_reports_progress() -> None:
-    seen: list[tuple[int, int, float]] = []
+    seen: list[tuple[int, int, str]] = []
     fake = FakeDenoiser()
-    d = train_directions(_domain(), _empty(), fake, SIGMAS, SETTINGS, progress=lambda a, b, loss: seen.append((a, b, loss)))
+    d = train_directions(_domain(), _empty(), fake, SIGMAS, SETTINGS, progress=lambda a, b, m="": seen.append((a, b, m)))
     assert d.directions.shape == (4, 4, D) and d.iterations_done == 60 and len(d.loss_history) == 60
     first, last = sum(d.loss_history[:10]) / 10, sum(d.loss_history[-10:]) / 10
     assert last < first - 0.1, loss_summary(d.loss_history)
     assert seen[-1][:2] == (60, 60) and len(seen) == 61
+    assert seen[0] == (0, 60, "") and seen[-1][2] == f"loss {d.loss_history[-1]:.4f}"  # the loss is the message
     # one no-grad call for ∅ and one batched call for all sampled directions per iteration
     assert fake.calls == 2 * 60 and fake.rows == 60 * (3 + 3 * 3)
     # the directions started from the empty prompt's first tokens
@@ -163,6 +165,25 @@ def test_resume_equals_uninterrupted(tmp_path: Path) -> None:
                          data={"fingerprint": "zzz"})
 
 
+def test_a_progress_that_raises_checkpoints_the_finished_iterations(tmp_path: Path) -> None:
+    """ComfyUI's progress hook raises its interrupt: the iteration just finished is checkpointed all the same."""
+    ckpt = tmp_path / "run.checkpoint.safetensors"
+
+    class Stop(Exception):
+        pass
+
+    def progress(done: int, total: int, message: str = "") -> None:
+        if done == 13:  # not on a checkpoint boundary (checkpoint_every is 10)
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_directions(_domain(), _empty(), FakeDenoiser(), SIGMAS, SETTINGS, checkpoint_path=ckpt, progress=progress)
+    saved = load_directions(ckpt)
+    first_13 = train_directions(_domain(), _empty(), FakeDenoiser(), SIGMAS, dataclasses.replace(SETTINGS, iterations=13))
+    assert saved.iterations_done == 13 and saved.loss_history == first_13.loss_history
+    assert torch.equal(saved.directions, first_13.directions)
+
+
 def test_settings_are_checked() -> None:
     bad = [dict(num_directions=1), dict(directions_per_iteration=9), dict(batch_size=1), dict(t_min=5, t_max=4),
            dict(t_max=1000), dict(token_count=T0 + 1)]
@@ -193,7 +214,7 @@ def test_file_round_trip(tmp_path: Path) -> None:
     assert parse_names("a, , c") == {0: "a", 2: "c"}
     with pytest.raises(NoiseCLRError, match="index=name"):
         parse_names("0=a, b")
-    assert checkpoint_path_for(path).name == "x.checkpoint.safetensors"
+    assert checkpoint_path_for(path).name == "x.safetensors.checkpoint"
 
 
 def test_bad_files_say_what_is_wrong(tmp_path: Path) -> None:
@@ -221,6 +242,26 @@ def test_bad_files_say_what_is_wrong(tmp_path: Path) -> None:
     with pytest.raises(NoiseCLRError, match="'empty' is missing"):
         load_directions(partial)
     assert issubclass(NoiseCLRError, NoiseQueryError)
+
+
+def test_checkpoint_names_never_collide_with_directions_names(tmp_path: Path) -> None:
+    """B5: directions named 't1.checkpoint' used to overwrite t1's resume checkpoint, and were hidden from the list."""
+    names = ["t1", "t1.checkpoint", "t1.safetensors", "t1.safetensors.checkpoint", "t1.checkpoint.safetensors",
+             "a/b", "x.checkpoint"]
+    directions = {tmp_path / (check_directions_name(n) + ".safetensors") for n in names}
+    checkpoints = {checkpoint_path_for(p) for p in directions}
+    assert len(checkpoints) == len(directions), "one checkpoint per directions file"
+    assert not directions & checkpoints
+    # the apply list shows every ".safetensors" file, and no checkpoint ends that way
+    assert all(p.name.endswith(".safetensors") for p in directions)
+    assert not any(p.name.endswith(".safetensors") for p in checkpoints)
+
+
+@pytest.mark.parametrize(("name", "words"), [("a" * 300, "at most 100"), ("x\x00y", "NUL"), ("", "plain file name"),
+                                             ("a//b", "plain file name")])
+def test_directions_names_that_cannot_be_files_are_refused(name: str, words: str) -> None:
+    with pytest.raises(NoiseCLRError, match=words):
+        check_directions_name(name)
 
 
 @pytest.mark.parametrize(("tensor", "value", "words"), [

@@ -36,3 +36,26 @@ def test_core_imports_without_comfyui() -> None:
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().endswith("ok")
+
+
+def test_node_modules_share_glue_only_through_shared_modules() -> None:
+    """A node module never imports another node family's module: shared things live in nodes/_glue.py,
+    nodes/_host.py or nodes/sampling.py; a family's *_runtime module belongs to its own *_nodes module."""
+    import ast
+
+    nodes_dir = ROOT / "nodes"
+    families = {p.stem for p in nodes_dir.glob("*.py") if p.stem.endswith(("_nodes", "_runtime"))}
+    assert families, "no node modules found"
+    wrong = []
+    for path in sorted(nodes_dir.glob("*.py")):
+        if path.stem == "__init__":
+            continue
+        own = path.stem.rsplit("_", 1)[0]
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                names = [node.module] if node.module else [a.name for a in node.names]
+                for name in names:
+                    target = name.split(".")[0]
+                    if target in families and target != path.stem and target != f"{own}_runtime":
+                        wrong.append(f"{path.name} imports {target}")
+    assert not wrong, wrong

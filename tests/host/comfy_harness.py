@@ -18,6 +18,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType, TracebackType
 from typing import Any, Self
@@ -25,6 +26,14 @@ from typing import Any, Self
 log = logging.getLogger(__name__)
 
 SKIP_REASON = "ComfyUI not found: set COMFYUI_PATH or clone to ~/ComfyUI (see README)"
+# The browser tests run once per frontend: "pinned" is the comfyui-frontend-package ComfyUI's requirements pin
+# (installed in the venv, served by default); "newest" is the newest release on PyPI, which scripts/_host_setup.sh
+# downloads and unzips, exporting its static folder (served with --front-end-root) in this variable.
+FRONTENDS = ("pinned", "newest")
+NEWEST_FRONTEND_ENV = "NOISEQUERY_NEWEST_FRONTEND"
+NEWEST_FRONTEND_SKIP_REASON = (
+    f"no newest comfyui-frontend-package downloaded: set {NEWEST_FRONTEND_ENV}=<unzipped wheel>/"
+    "comfyui_frontend_package/static (scripts/test.sh does with CI=true or NOISEQUERY_HOST_SETUP=1)")
 TINY_CKPT_NAME = "tiny_sd15.safetensors"
 TINY_CKPT_SEED = 20240607
 
@@ -49,6 +58,79 @@ def find_comfyui() -> Path | None:
     if (candidate / "main.py").is_file() and (candidate / "comfy").is_dir():
         return candidate.resolve()
     return None
+
+
+@dataclass(frozen=True)
+class Frontend:
+    """A ComfyUI frontend the browser tests run against (FRONTENDS; the `frontend` fixture of tests/host/conftest.py)."""
+
+    name: str  # "pinned" (the comfyui-frontend-package ComfyUI's requirements pin) or "newest" (newest on PyPI)
+    root: Path | None  # served with --front-end-root; None: the installed (pinned) package, ComfyUI's default
+    version: str
+
+
+# The page's Run button: `button[aria-label=Run]` inside the queue-button group up to frontend 1.35.x, the
+# queue-button itself (text "Run", no aria-label) in 1.58.x.
+RUN_BUTTON = "[data-testid=queue-button] button[aria-label=Run], button[data-testid=queue-button]"
+
+# What a frontend newer than the host (frontend 1.58.1 on ComfyUI 0.8.0) reports in every page, none of it the pack's:
+# - its job list asks GET /api/jobs?status=...,cancelled, a status ComfyUI 0.8.0 does not know (it knows pending,
+#   in_progress, completed, failed) and answers 400; the frontend then logs "[Jobs API] Error fetching jobs";
+# - its missing-model check of its default workflow (z_image_turbo) fetches huggingface.co URLs, which the page's
+#   Content Security Policy (connect-src 'self') blocks.
+NEWER_FRONTEND_NOISE = (
+    (re.compile(r"\b400\b.*/api/jobs\?status=\S*\bcancelled\b"), "/api/jobs status 'cancelled' unknown to this host"),
+    (re.compile(r"^(console\.error: )?\[Jobs API\] Error fetching jobs: JobsApiError: Failed to fetch jobs: 400"),
+     "/api/jobs status 'cancelled' unknown to this host"),
+    (re.compile(r"(Connecting to '|Fetch API cannot load )https://huggingface\.co/\S+"
+                r".*Content Security Policy", re.S), "the frontend's model check blocked by the page's CSP"),
+    # console warnings the frontend itself logs while the page boots (stack traces: ComfyList, the core MaskEditor
+    # extension, reka-ui's panel layout, litegraph's own ComfyNode.configure)
+    (re.compile(r"console\.warning: \[ComfyUI\] The legacy queue/history menu is deprecated"),
+     "the frontend's legacy-menu deprecation notice"),
+    (re.compile(r"console\.warning: \[MaskEditor\] ComfyApp\.open_maskeditor is deprecated"),
+     "the frontend's MaskEditor deprecation notice"),
+    (re.compile(r"console\.warning: WARNING: Invalid layout total size: \d+%\. Layout normalization will be applied"),
+     "the frontend's panel layout warning"),
+    # litegraph warns once per page; its own node loading reads input.link first. (The pack's
+    # web/js/highlight_scribble.js reads input.link too: a deprecation to address in the pack, not an error.)
+    (re.compile(r"console\.warning: input\.link is deprecated\. Read connectivity via node\.isInputConnected"),
+     "litegraph's input.link deprecation notice"),
+)
+
+
+def newer_frontend_noise(problem: str) -> str | None:
+    """Why `problem` (a failed request or console error of the page) is a known complaint of a frontend newer than
+    the host (NEWER_FRONTEND_NOISE), or None when it is not one."""
+    for pattern, why in NEWER_FRONTEND_NOISE:
+        if pattern.search(problem):
+            return why
+    return None
+
+
+def newest_frontend_root() -> Path | None:
+    """The static folder of the newest frontend ($NOISEQUERY_NEWEST_FRONTEND) if it holds an index.html, else None."""
+    env = os.environ.get(NEWEST_FRONTEND_ENV, "").strip()
+    if env and (Path(env).expanduser() / "index.html").is_file():
+        return Path(env).expanduser().resolve()
+    return None
+
+
+def frontend_version(front_end_root: PathLike | None = None) -> str:
+    """Version of the frontend a server serves: the installed comfyui-frontend-package when front_end_root is None,
+    else the one of the unzipped wheel whose <wheel>/comfyui_frontend_package/static folder front_end_root is."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    if front_end_root is None:
+        try:
+            return version("comfyui-frontend-package")
+        except PackageNotFoundError:
+            return "?"
+    for meta in sorted(Path(front_end_root).resolve().parents[1].glob("comfyui_frontend_package-*.dist-info/METADATA")):
+        for line in meta.read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("Version:"):
+                return line.split(":", 1)[1].strip()
+    return "?"
 
 
 def _require_comfy_path(comfy_path: PathLike | None) -> Path:
@@ -549,6 +631,7 @@ class ComfyServer:
     Custom node packs are exposed through a temp `custom_nodes` folder listed in an
     --extra-model-paths-config YAML (ComfyUI supports a `custom_nodes:` entry there), each as a symlink
     named after the pack; only those names are whitelisted. The checkout is never modified.
+    front_end_root serves another frontend (a static folder, `--front-end-root`) instead of the installed one.
     """
 
     def __init__(self, comfy_path: PathLike | None = None, *,
@@ -556,8 +639,12 @@ class ComfyServer:
                  model_dirs: Mapping[str, PathLike] | None = None,
                  port: int | None = None, python: str | None = None,
                  startup_timeout: float = 120.0, extra_args: Sequence[str] = (),
-                 workdir: PathLike | None = None, env: Mapping[str, str] | None = None) -> None:
+                 workdir: PathLike | None = None, env: Mapping[str, str] | None = None,
+                 front_end_root: PathLike | None = None) -> None:
         self.comfy_path = _require_comfy_path(comfy_path)
+        self.front_end_root = Path(front_end_root).resolve() if front_end_root is not None else None
+        if self.front_end_root is not None and not (self.front_end_root / "index.html").is_file():
+            raise FileNotFoundError(f"front_end_root {self.front_end_root} has no index.html")
         self.packs = dict(packs or {})
         self.model_dirs = {k: Path(v).resolve() for k, v in (model_dirs or {}).items()}
         self.port = port or free_port()
@@ -622,8 +709,12 @@ class ComfyServer:
                "--user-directory", str(wd / "user"), "--extra-model-paths-config", str(yaml_path)]
         if linked:
             cmd += ["--whitelist-custom-nodes", *linked.keys()]
+        if self.front_end_root is not None:
+            cmd += ["--front-end-root", str(self.front_end_root)]
         cmd += self.extra_args
         cmd = [*cmd[:2], *_filter_flags(cmd[2:], _supported_flags(self.comfy_path))]
+        if self.front_end_root is not None and "--front-end-root" not in cmd:
+            raise ComfyServerError(f"the ComfyUI at {self.comfy_path} has no --front-end-root flag")
 
         self.log_path = wd / "server.log"
         # held open for the server's lifetime, closed in stop()

@@ -125,3 +125,38 @@ def comfy_server(comfy_path: Path, tiny_checkpoint: Path, comfy_packs: dict[str,
     )
     with server:
         yield server
+
+
+@pytest.fixture(scope="session", params=comfy_harness.FRONTENDS)
+def frontend(request: pytest.FixtureRequest) -> comfy_harness.Frontend:
+    """Each browser test runs once per frontend; "newest" skips (a failure in CI) when it was not downloaded."""
+    if request.param == "pinned":
+        return comfy_harness.Frontend("pinned", None, comfy_harness.frontend_version())
+    root = comfy_harness.newest_frontend_root()
+    if root is None:
+        pytest.skip(comfy_harness.NEWEST_FRONTEND_SKIP_REASON)
+    return comfy_harness.Frontend("newest", root, comfy_harness.frontend_version(root))
+
+
+@pytest.fixture(scope="session")
+def frontend_server(frontend: comfy_harness.Frontend, request: pytest.FixtureRequest, comfy_path: Path,
+                    tiny_checkpoint: Path, comfy_packs: dict[str, Path], nq_clip_dir: Path,
+                    tmp_path_factory: pytest.TempPathFactory) -> Iterator[comfy_harness.ComfyServer]:
+    """A headless ComfyUI serving `frontend`: the session's comfy_server for "pinned"; for "newest" a second server
+    like it (own noise_libraries/noiseclr folders) started with --front-end-root, stopped when the param changes."""
+    if frontend.root is None:
+        yield request.getfixturevalue("comfy_server")
+        return
+    server = comfy_harness.ComfyServer(
+        comfy_path,
+        packs=comfy_packs,
+        model_dirs={"checkpoints": tiny_checkpoint.parent,
+                    "noise_libraries": tmp_path_factory.mktemp("noise_libraries_newest_fe"),
+                    "noisequery_clip": nq_clip_dir,
+                    "noiseclr_directions": tmp_path_factory.mktemp("noiseclr_newest_fe")},
+        workdir=tmp_path_factory.mktemp("comfy_server_newest_fe"),
+        front_end_root=frontend.root,
+    )
+    with server:
+        log.info("ComfyUI with the newest frontend %s at %s", frontend.version, server.url)
+        yield server

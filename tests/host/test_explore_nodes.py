@@ -286,8 +286,8 @@ def test_rank_by_clip_and_aesthetic_returns_the_winners_noise(comfy_nodes: Any, 
     from noisequery_core.exploration.rank import clip_scores, embed_images, rank
 
     emb = host.embedder_for(ClipSpec.parse("ViT-B-32:openai"))
-    sampling = G.pack_module(comfy_nodes, "nodes.sampling")
-    e = embed_images(emb, sampling.to_pil(images))
+    glue = G.pack_module(comfy_nodes, "nodes._glue")
+    e = embed_images(emb, glue.to_pil(images))
     clip = clip_scores(e, emb.encode_text(["a red apple"])[0])
     aest = exploration_rank_nodes.aesthetic_head(aesthetic_file)(e)
     want = rank({"clip": clip, "aesthetic": aest}, {"clip": 1.0, "aesthetic": 0.5}).order

@@ -4,7 +4,7 @@ executor (InProcessRunner), with its caching, hidden inputs and interrupt handli
 Covered: the pack's node ids; the query nodes' seed / NOISE / LATENT / IMAGE outputs (NOISE equals KSampler's
 batch-1 noise per item, and SamplerCustomAdvanced with it reproduces KSampler per item); text, colour and combined
 queries; exclude_seeds; re-running after the library grows (fingerprint_inputs); the model-mismatch warning;
-interrupting a build and resuming it.
+interrupting a build and resuming it; the ComfyUI adapter of the core's progress/cancel contract.
 """
 from __future__ import annotations
 
@@ -121,18 +121,32 @@ def test_library_folders_are_the_sessions(comfy_nodes: ModuleType, nq_libraries_
 # --------------------------------------------------------------------------------------------- outputs
 
 
+def _colour_ranking(library_dir: Path, hex_colour: str) -> list[int]:
+    """The library's seeds by brute force, best first, for a dominant-colour-only query: a single term ranks by
+    its raw value, the stored histogram's mass near the colour (noisequery_core.search.color.color_kernel)."""
+    from noisequery_core import Library
+    from noisequery_core.search import color
+
+    lib = Library.open(library_dir)
+    mass = np.asarray(lib.column("hist"), np.float64) @ color.color_kernel(color.parse_hex_color(hex_colour))
+    order = sorted(range(lib.count), key=lambda r: -mass[r])
+    assert all(mass[a] - mass[b] > 1e-6 for a, b in zip(order, order[1:4])), "near-ties: the order would be luck"
+    return [int(lib.seeds[r]) for r in order]
+
+
 def test_query_outputs_seed_noise_latent_thumbnails(comfy_nodes: ModuleType, comfy_runner: InProcessRunner,
-                                                    tiny_ckpt_name: str, color_library: str) -> None:
+                                                    tiny_ckpt_name: str, color_library: str,
+                                                    nq_libraries_dir: Path) -> None:
     import comfy.sample
     import torch
 
     _, outs = _query(comfy_runner, tiny_ckpt_name, G.color_query(color_library, top_k=3, rank_offset=1))
     seed, noise, latent, thumbs, report, query = outs
-    ranked = G.report_seeds(report)
-    assert len(ranked) == 4, report  # top_k + rank_offset hits are ranked
-    assert seed == ranked[1], "seed must be the hit at rank_offset"
-    assert list(noise.seeds) == ranked[1:4]
-    assert noise.seed == ranked[1]
+    expected = _colour_ranking(nq_libraries_dir / color_library, "#FF8800")
+    assert G.report_seeds(report) == expected[:4], report  # top_k + rank_offset hits are ranked
+    assert seed == expected[1], "seed must be the hit at rank_offset"
+    assert list(noise.seeds) == expected[1:4]
+    assert noise.seed == expected[1]
     assert tuple(latent["samples"].shape) == (3, 4, 8, 12), "batch top_k, the library's latent size (h 64, w 96)"
     assert thumbs.shape[0] == 3 and thumbs.shape[-1] == 3
     assert float(thumbs.min()) >= 0.0 and float(thumbs.max()) <= 1.0
@@ -386,6 +400,39 @@ def interrupt_after_first_batch(comfy_nodes: ModuleType, monkeypatch: pytest.Mon
     monkeypatch.setattr(library_nodes, "SeedRenderer", InterruptingRenderer)
     yield rendered
     comfy.model_management.interrupt_current_processing(False)
+
+
+def test_node_work_drives_the_progress_bar_text_and_interrupt(comfy_nodes: ModuleType,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """nodes/_host.NodeWork, the one ComfyUI adapter of the core's progress/check_cancel contract."""
+    import comfy.model_management
+    import comfy.utils
+    import server
+
+    host = G.pack_module(comfy_nodes, "nodes._host")
+    bar: list[tuple[Any, ...]] = []
+    texts: list[tuple[str, str]] = []
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK",
+                        lambda value, total, preview, node_id=None, **_: bar.append((value, total, preview, node_id)))
+    monkeypatch.setattr(server.PromptServer.instance, "send_progress_text",
+                        lambda text, node_id, sid=None: texts.append((text, node_id)))
+    work = host.NodeWork("7", 100)
+    work.preview = ("JPEG", "an image", 512)
+    for i in range(101):
+        work.progress(i, 100, f"loss {i}")
+    assert bar[-1] == (100, 100, ("JPEG", "an image", 512), "7") and len(bar) == 101
+    # the text is throttled to ~50 messages per run (each is a websocket message) and always ends on the last
+    assert len(texts) == 51 and texts[-1] == ("loss 100", "7")
+    work.progress(5, 10)  # no message: no text
+    assert len(texts) == 51
+
+    work.check_cancel()  # not interrupted: returns
+    comfy.model_management.interrupt_current_processing(True)
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            work.check_cancel()
+    finally:
+        comfy.model_management.interrupt_current_processing(False)
 
 
 def test_interrupted_build_keeps_whole_batches_and_resumes(

@@ -195,7 +195,7 @@ def test_interrupted_training_resumes_to_the_uninterrupted_result(comfy_runner: 
     finally:
         mod._host.raise_if_interrupted = real
     assert comfy_harness.execution_error(entry)["event"] == "execution_interrupted"
-    ckpt = nq_noiseclr_dir / "inproc/cut.checkpoint.safetensors"
+    ckpt = nq_noiseclr_dir / "inproc/cut.safetensors.checkpoint"
     assert _core(comfy_nodes).load_directions(ckpt).iterations_done == 3
     assert not (nq_noiseclr_dir / "inproc/cut.safetensors").exists()
 

@@ -2,7 +2,7 @@
 // per phrase of the prompt. The strokes live as JSON in the node's `highlights` STRING widget (hidden here, so it
 // is saved in the workflow and queued with the prompt like any widget value); this file only edits that text.
 //
-// Kept in sync with noisequery_core/highlight.py, which parses the same JSON:
+// Kept in sync with noisequery_core/guidance/strokes.py, which parses the same JSON:
 //   {"version": 1, "strokes": [{"phrase": "a cat", "width": 0.06, "points": [[x, y], ...], "color": "#e6194b"}]}
 // x, y are fractions of the image width / height (x right, y down), `width` a fraction of the image's shorter
 // side, at least 2 points per stroke (a click gives a 2-point dot); `color` is for this widget only.
