@@ -26,7 +26,7 @@ fi
 echo "[lint] ruff" >&2
 "$PY" -m ruff check .
 echo "[types] mypy noisequery_core" >&2
-"$PY" -m mypy noisequery_core
+"$PY" -m mypy --explicit-package-bases noisequery_core  # the clone's folder name may not be a valid package name
 echo "[tests] pytest tests" >&2
 set +e
 "$PY" -m pytest tests "$@"
