@@ -25,7 +25,7 @@ else
 fi
 echo "[lint] ruff" >&2
 "$PY" -m ruff check .
-echo "[types] mypy noisequery_core" >&2
+echo "[types] mypy noisequery_core + nodes (Python 3.10)" >&2
 "$PY" scripts/typecheck.py
 echo "[tests] pytest tests" >&2
 set +e
