@@ -8,7 +8,7 @@ with synthetic rows:
   common mean direction (CLIP embeddings are anisotropic: unrelated images still have cosine
   ≈ 0.2-0.3), cluster sizes are log-normal, each row is its centre plus isotropic Gaussian
   noise, renormalised (cosine to its centre ≈ 0.8);
-* ``stats`` / ``hist`` / ``layout`` / ``regions``: plausible random values of the exact
+* ``stats`` / ``palette`` / ``palette_shares`` / ``layout`` / ``regions``: plausible random values of the exact
   shapes and dtypes of ``storage.columns_for`` (regions are the real per-region means of the
   layout grid, as ``color.analyse_one`` computes them).
 
@@ -60,7 +60,7 @@ from bench_env import environment  # noqa: E402  (bench/ is on sys.path when run
 
 from noisequery_core.library.manifest import ClipIdentity, FeatureSet, GenerationKey  # noqa: E402
 from noisequery_core.library.storage import Library  # noqa: E402
-from noisequery_core.search import color, index  # noqa: E402
+from noisequery_core.search import color, index, palette  # noqa: E402
 from noisequery_core.search.query import Query, RegionTarget, Searcher, StatTarget  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -243,10 +243,17 @@ class SyntheticRows:
             ],
             axis=1,
         ).astype(np.float32)
-        hist = rng.gamma(0.15, 1.0, (m, color.HIST_BINS)).astype(np.float32) + 1e-6
-        hist = (hist / hist.sum(axis=1, keepdims=True)).astype(np.float16)
         # Layout: a per-image base colour plus smooth-ish per-cell variation, in stored u8 Lab.
         base = np.stack([bright * 100.0, rng.normal(0, 18, m), rng.normal(0, 22, m)], axis=1).astype(np.float32)
+        # Palette: PALETTE_SIZE colours around the base colour with skewed shares; each region's
+        # shares a perturbation of the whole image's (shapes and dtypes of storage.columns_for).
+        k = palette.PALETTE_SIZE
+        pal_lab = base[:, None, :] + rng.normal(0.0, 1.0, (m, k, 3)).astype(np.float32) * np.array([15.0, 20.0, 20.0], np.float32)
+        pal_lab[..., 0] = np.clip(pal_lab[..., 0], 0.0, 100.0)
+        spread = np.clip(rng.gamma(2.0, 3.0, (m, k)) * palette.SPREAD_SCALE, 0, 65535)
+        pal = np.stack([palette.code_of_lab(pal_lab), spread], axis=-1).astype(np.uint16)
+        mass = rng.gamma(0.5, 1.0, (m, 1, k)) * rng.gamma(4.0, 0.25, (m, len(color.REGION_NAMES), k)) + 1e-6
+        shares = np.rint(mass / mass.sum(axis=-1, keepdims=True) * 255).astype(np.uint8)
         cells = base[:, None, :] + rng.normal(0.0, 1.0, (m, color.GRID * color.GRID, 3)).astype(np.float32) * np.array(
             [12.0, 8.0, 8.0], np.float32
         )
@@ -255,7 +262,8 @@ class SyntheticRows:
         lab = color.layout_to_lab(layout_u8).reshape(m, -1, 3)
         regions = np.einsum("rg,mgc->mrc", self.region_avg, lab).astype(np.float16)
         seeds = np.arange(start, stop, dtype=np.uint64) * np.uint64(7919) + np.uint64(1_000_003)
-        return seeds, {"stats": stats, "hist": hist, "layout": layout_u8, "regions": regions, "clip": clip}
+        cols = {"stats": stats, "palette": pal, "palette_shares": shares, "layout": layout_u8, "regions": regions, "clip": clip}
+        return seeds, cols
 
 
 def build_library(path: Path, n: int, dim: int, *, clusters: int, noise: float) -> tuple[Library, float]:
@@ -328,7 +336,7 @@ def memory_probe(lib_path: str, queries_npy: str) -> dict[str, Any]:
     searcher.search(Query(text="q0", top_k=TOP_K, **COLOR_QUERY))
     searcher.search(Query(top_k=TOP_K, **REGION_QUERY))
     after = rss_info()
-    raw = {c: int(np.asarray(lib.column(c)).nbytes) for c in ("clip", "stats", "hist", "layout", "regions")}
+    raw = {c: int(np.asarray(lib.column(c)).nbytes) for c in ("clip", "stats", "palette", "palette_shares", "layout", "regions")}
     return {"before": before, "after": after, "raw_bytes": raw, "mode": searcher.clip_searcher().mode}
 
 

@@ -1,4 +1,4 @@
-"""Command line: ``python -m noisequery_core {import,search,info,verify,merge,index,demo}``.
+"""Command line: ``python -m noisequery_core {import,search,info,verify,merge,index,upgrade,demo}``.
 
 Bad input exits with status 2 and a one-line ``error: …`` message; ``--json`` prints
 machine-readable output on stdout (progress goes to stderr).
@@ -209,6 +209,14 @@ def cmd_index(args: argparse.Namespace) -> Any:
     return info.to_json() if args.json else f"index {info.kind} nlist={info.nlist} nprobe={info.nprobe} recall@10={info.recall_at_10:.3f}"
 
 
+def cmd_upgrade(args: argparse.Namespace) -> Any:
+    from .library.upgrade import upgrade_colour
+
+    with BarProgress("upgrade", not args.quiet, "entry") as progress:
+        rep = upgrade_colour(args.library, args.images, progress=progress, batch_size=args.batch_size, workers=args.workers)
+    return rep.to_json() if args.json else rep.summary()
+
+
 def cmd_demo(args: argparse.Namespace) -> Any:
     from .demo import run_demo
 
@@ -264,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", help="what the image should show")
     p.add_argument("--negative", help="what it should not show")
     p.add_argument("--like-image", help="example image (CLIP and colour layout)")
-    p.add_argument("--color", action="append", help="dominant colour #RRGGBB[@weight]; repeatable")
+    p.add_argument("--color", action="append", help="colour #RRGGBB[@weight]: how much of the image is that colour; repeat for a mix (weights = proportions)")
     for st in color.STATS:
         p.add_argument(f"--{st.name.replace('_', '-')}", dest=st.name, help=f"{st.doc}; VALUE or LO:HI, [@weight]")
     p.add_argument("--region", action="append", help=f"REGION=#RRGGBB or REGION=LIGHTNESS[@weight]; regions: {', '.join(color.REGION_NAMES)}")
@@ -291,6 +299,13 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument("--force", action="store_true", help="build even for a small library")
     p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("upgrade", help="recompute an older library's colour features for this version (resumable)")
+    common(p)
+    p.add_argument("--images", help="folder of the original <seed>.<ext> images (default: recompute from the thumbnails)")
+    p.add_argument("--batch-size", type=int, default=256, help="entries per commit")
+    p.add_argument("--workers", type=int, default=2, help="decoding threads")
+    p.set_defaults(func=cmd_upgrade)
 
     p = sub.add_parser("demo", help="run the whole pipeline on synthetic seed images (no downloads)")
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")

@@ -13,10 +13,12 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import LibraryError, NoiseQueryError
+from ..search import color, palette
 from ..work import Progress, no_progress
 from . import safefs
 from .manifest import MANIFEST_NAME, read_manifest
 from .storage import INDEX_DIR, LOCK_NAME, THUMB_MAX_BYTES, THUMBS_DIR, Library, check_compatible, thumbnail_problem
+from .upgrade import upgrade_files
 
 log = logging.getLogger("noisequery")
 
@@ -75,13 +77,17 @@ def _foreign(lib: Library, entries: list[tuple[str, os.stat_result]], rep: Verif
     foreign: list[str] = []
     temps: list[str] = []
     thumbs: list[str] = []
+    upgrading = set(upgrade_files(lib))
+    left_by_upgrade: list[str] = []
     for rel, st in entries:
         head, _, tail = rel.partition("/")
         name = rel.rsplit("/", 1)[-1]
         if safefs.is_own_temp(name) and stat.S_ISREG(st.st_mode):
             temps.append(rel)
         elif not tail:
-            if head not in top:
+            if head in upgrading and stat.S_ISREG(st.st_mode):
+                left_by_upgrade.append(rel)
+            elif head not in top:
                 foreign.append(rel)
         elif head == THUMBS_DIR and "/" not in tail and thumb_re.match(tail) and stat.S_ISREG(st.st_mode):
             thumbs.append(tail)
@@ -89,6 +95,11 @@ def _foreign(lib: Library, entries: list[tuple[str, os.stat_result]], rep: Verif
             foreign.append(rel)
     if temps:
         rep.warnings.append(f"{len(temps)} temp files of an interrupted write ({_examples(temps)}); the next writer deletes them.")
+    if left_by_upgrade:
+        rep.warnings.append(
+            f"files of an unfinished colour upgrade or of an older colour version ({_examples(left_by_upgrade)}): run "
+            f"`python -m noisequery_core upgrade --library {lib.path}` to finish the upgrade and remove them."
+        )
     if foreign:
         rep.warnings.append(
             f"{len(foreign)} files or folders NoiseQuery did not write ({_examples(foreign)}); they are ignored. A library "
@@ -138,6 +149,11 @@ def verify(library_dir: str | os.PathLike[str]) -> VerifyReport:
                 f"{c.name}.bin has {extra} bytes past the committed rows (an interrupted write); "
                 "they are ignored and discarded by the next writer."
             )
+    if m.features.color_version != color.COLOR_VERSION:
+        rep.warnings.append(
+            f"colour features v{m.features.color_version} (this NoiseQuery computes v{color.COLOR_VERSION}): colour queries "
+            f"need an upgrade: `python -m noisequery_core upgrade --library {lib.path}`."
+        )
     seeds = np.asarray(lib.seeds)
     uniq, counts = np.unique(seeds, return_counts=True)
     if len(uniq) != len(seeds):
@@ -148,9 +164,14 @@ def verify(library_dir: str | os.PathLike[str]) -> VerifyReport:
         stats = np.asarray(lib.column("stats")[start:stop], dtype=np.float32)
         if not np.isfinite(stats).all():
             rep.problems.append(f"non-finite statistics in rows {start}..{stop - 1}.")
-        hist = np.asarray(lib.column("hist")[start:stop], dtype=np.float32).sum(axis=1)
-        if np.any(np.abs(hist - 1) > 0.02):
-            rep.problems.append(f"colour histograms in rows {start}..{stop - 1} do not sum to 1.")
+        if m.column("hist") is not None:  # colour version 1
+            hist = np.asarray(lib.column("hist")[start:stop], dtype=np.float32).sum(axis=1)
+            if np.any(np.abs(hist - 1) > 0.02):
+                rep.problems.append(f"colour histograms in rows {start}..{stop - 1} do not sum to 1.")
+        if m.column("palette") is not None:
+            bad = palette.damaged_rows(lib.column("palette")[start:stop], lib.column("palette_shares")[start:stop])
+            if bad.any():
+                rep.problems.append(f"{int(bad.sum())} colour palettes in rows {start}..{stop - 1} are damaged (codes out of range or shares not summing to 1).")
         if lib.has_clip:
             emb = np.asarray(lib.column("clip")[start:stop], dtype=np.float32)
             norms = np.linalg.norm(emb, axis=1)

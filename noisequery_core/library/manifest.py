@@ -157,7 +157,7 @@ MAX_DIM = 1 << 16
 MAX_TEXT = 1 << 20
 MAX_THUMBNAIL_SIZE = 4096  # also the pixel bound when a thumbnail is decoded (storage.decode_thumbnail)
 THUMBNAIL_FORMATS = ("webp", "jpg")  # the formats encode_thumbnail writes (library/storage.py); kept in sync
-COLUMN_DTYPES = ("<u8", "<f4", "<f2", "|u1")
+COLUMN_DTYPES = ("<u8", "<f4", "<f2", "<u2", "|u1")  # "<u2": the colour palette (search/palette.py)
 _COLUMN_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 
 

@@ -4,7 +4,8 @@ Layout of a library folder (documented in README "Library format"):
 
     manifest.json      schema version, generation key, feature set, columns, committed count
     seeds.bin          uint64 row â†’ seed (faiss ids are int64, so rows, never seeds, go to faiss)
-    stats.bin hist.bin layout.bin regions.bin clip.bin   one fixed-width row per entry
+    stats.bin palette.bin palette_shares.bin layout.bin regions.bin clip.bin   one fixed-width row per entry
+                       (colour columns per colour version: color.COLUMNS_BY_VERSION)
     thumbs/<seed>.webp optional thumbnails
     index/             derived search index (rebuildable; see index.py)
     .lock              writer lock (filelock)
@@ -61,13 +62,9 @@ THUMB_FORMATS = {"webp": "WEBP", "jpg": "JPEG"}  # manifest.THUMBNAIL_FORMATS â†
 
 def columns_for(features: FeatureSet) -> tuple[ColumnSpec, ...]:
     """Column specs implied by a feature set (seeds first)."""
-    cols = [
-        ColumnSpec("seeds", "<u8", ()),
-        ColumnSpec("stats", "<f4", (len(color.STATS),)),
-        ColumnSpec("hist", "<f2", (color.HIST_BINS,)),
-        ColumnSpec("layout", "|u1", (color.GRID, color.GRID, 3)),
-        ColumnSpec("regions", "<f2", (len(color.REGION_NAMES), 3)),
-    ]
+    cols = [ColumnSpec("seeds", "<u8", ())]
+    # The colour columns depend on the colour version; an unknown (newer) version raises LibraryError.
+    cols += [ColumnSpec(name, dtype, shape) for name, dtype, shape in color.columns_of_version(features.color_version)]
     if features.clip is not None:
         cols.append(ColumnSpec("clip", "<f2", (features.clip.dim,)))
     return tuple(cols)
@@ -116,10 +113,13 @@ def check_compatible(
     a_cmp = (a_feat.clip, a_feat.color_version) if not check_thumbnails else a_feat
     b_cmp = (b_feat.clip, b_feat.color_version) if not check_thumbnails else b_feat
     if a_cmp != b_cmp:
-        raise IncompatibleLibraryError(
-            f"{where}: feature sets differ ({a_feat.describe()} vs {b_feat.describe()}). "
-            "Use the same CLIP model and NoiseQuery version for both, or build into a new library."
-        )
+        fix = "Use the same CLIP model and NoiseQuery version for both, or build into a new library."
+        if a_feat.color_version != b_feat.color_version:  # a library never holds two colour versions
+            fix = (
+                "Colour features differ: upgrade the older library first with "
+                "`python -m noisequery_core upgrade --library <folder>` (see README 'Upgrading a library')."
+            )
+        raise IncompatibleLibraryError(f"{where}: feature sets differ ({a_feat.describe()} vs {b_feat.describe()}). {fix}")
 
 
 class Library:
@@ -230,8 +230,9 @@ class Library:
         """Re-read the manifest; returns True when new entries were committed since."""
         m = read_manifest(self.path)
         changed = m.count != self._manifest.count
+        columns_changed = m.columns != self._manifest.columns  # e.g. a colour upgrade swapped columns
         self._manifest = m
-        if changed:
+        if changed or columns_changed:
             self._cache.clear()
         return changed
 

@@ -1,8 +1,9 @@
-"""Low-level image statistics, colour histogram and coarse spatial colour layout.
+"""Low-level image statistics, colour palette (see palette.py) and coarse spatial colour layout.
 
 All features are computed on the image resized to ANALYSIS_SIZE × ANALYSIS_SIZE (area
 filter), so libraries built at different resolutions stay comparable. Bump COLOR_VERSION
-whenever a formula changes: libraries record it and refuse to mix versions.
+whenever a formula changes: libraries record it, refuse to mix versions, and
+``python -m noisequery_core upgrade`` recomputes an older library's colour columns.
 """
 
 from __future__ import annotations
@@ -12,13 +13,15 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from ..errors import QueryError
+from ..errors import LibraryError
+from . import palette
+from .colorspace import parse_hex_color as parse_hex_color  # re-exported: color.parse_hex_color
+from .colorspace import srgb_to_lab as srgb_to_lab
 
-COLOR_VERSION = 1
+# 1: 64-bin RGB histogram ("hist"). 2: palette + per-region shares ("palette", "palette_shares").
+COLOR_VERSION = 2
 ANALYSIS_SIZE = 256
 GRID = 8  # layout grid is GRID × GRID cells
-HIST_LEVELS = 4  # RGB histogram has HIST_LEVELS³ bins
-HIST_BINS = HIST_LEVELS**3
 
 
 @dataclass(frozen=True)
@@ -82,49 +85,58 @@ def _region_masks() -> dict[str, np.ndarray]:
 
 
 REGION_MASKS: dict[str, np.ndarray] = _region_masks()
-REGION_NAMES: tuple[str, ...] = tuple(REGION_MASKS)
+REGION_NAMES: tuple[str, ...] = tuple(REGION_MASKS)  # "whole" first: palette_shares[:, 0] is the whole image
+_REGION_STACK = np.stack(list(REGION_MASKS.values()))
+
+# Colour columns of each colour version: (name, dtype, row shape), in storage order after "seeds".
+# Kept in sync with README "Library format"; storage.columns_for adds seeds and clip around them.
+COLUMNS_BY_VERSION: dict[int, tuple[tuple[str, str, tuple[int, ...]], ...]] = {
+    1: (
+        ("stats", "<f4", (len(STATS),)),
+        ("hist", "<f2", (64,)),
+        ("layout", "|u1", (GRID, GRID, 3)),
+        ("regions", "<f2", (len(REGION_NAMES), 3)),
+    ),
+    2: (
+        ("stats", "<f4", (len(STATS),)),
+        ("palette", "<u2", (palette.PALETTE_SIZE, 2)),
+        ("palette_shares", "|u1", (len(REGION_NAMES), palette.PALETTE_SIZE)),
+        ("layout", "|u1", (GRID, GRID, 3)),
+        ("regions", "<f2", (len(REGION_NAMES), 3)),
+    ),
+}
+# The columns an upgrade to COLOR_VERSION recomputes; every other colour column is unchanged.
+UPGRADED_COLUMNS: tuple[str, ...] = ("palette", "palette_shares")
+
+
+def columns_of_version(version: int, where: object = "") -> tuple[tuple[str, str, tuple[int, ...]], ...]:
+    """Colour columns of a colour version. Raises LibraryError for a version this code does not know."""
+    got = COLUMNS_BY_VERSION.get(int(version))
+    if got is None:
+        raise LibraryError(
+            f"{where or 'The library'} has colour features v{version}, which this NoiseQuery does not know "
+            f"(it reads v1..v{COLOR_VERSION}): it was written by a newer NoiseQuery. Update the NoiseQuery pack."
+        )
+    return got
 
 
 @dataclass(frozen=True)
 class ColorFeatures:
-    """Features of a batch of N images."""
+    """Features of a batch of N images (the colour columns of COLOR_VERSION)."""
 
     stats: np.ndarray  # float32 [N, len(STATS)]
-    hist: np.ndarray  # float16 [N, HIST_BINS], sums to 1 per row
+    palette: np.ndarray  # uint16 [N, PALETTE_SIZE, 2]: (colour code, spread), see palette.py
+    palette_shares: np.ndarray  # uint8 [N, len(REGION_NAMES), PALETTE_SIZE]: share × 255 per region
     layout: np.ndarray  # uint8 [N, GRID, GRID, 3]: L*·255/100, a*+128, b*+128
     regions: np.ndarray  # float16 [N, len(REGION_NAMES), 3]: mean CIELAB per named region (L 0..100)
 
+    def columns(self) -> dict[str, np.ndarray]:
+        """The library columns, by name."""
+        return {name: getattr(self, name) for name, _, _ in COLUMNS_BY_VERSION[COLOR_VERSION]}
+
 
 # ---------------------------------------------------------------- colour spaces
-
-
-def srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
-    """sRGB in 0..1 (any leading shape, last axis 3) to CIELAB (D65): L 0..100, a/b about −128..127."""
-    rgb = np.asarray(rgb, dtype=np.float32)
-    lin = np.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055) ** 2.4)
-    m = np.array(
-        [[0.4124564, 0.3575761, 0.1804375], [0.2126729, 0.7151522, 0.0721750], [0.0193339, 0.1191920, 0.9503041]],
-        dtype=np.float32,
-    )
-    xyz = (lin @ m.T) / np.array([0.95047, 1.0, 1.08883], dtype=np.float32)
-    eps = 216 / 24389
-    kappa = 24389 / 27
-    f = np.where(xyz > eps, np.cbrt(xyz), (kappa * xyz + 16) / 116)
-    L = 116 * f[..., 1] - 16
-    a = 500 * (f[..., 0] - f[..., 1])
-    b = 200 * (f[..., 1] - f[..., 2])
-    return np.stack([L, a, b], axis=-1).astype(np.float32)
-
-
-def parse_hex_color(text: str) -> np.ndarray:
-    """'#RRGGBB', 'RRGGBB' or '#RGB' to float32 RGB in 0..1. Raises QueryError."""
-    s = str(text).strip()
-    body = s[1:] if s.startswith("#") else s
-    if len(body) == 3:
-        body = "".join(ch * 2 for ch in body)
-    if len(body) != 6 or any(ch not in "0123456789abcdefABCDEF" for ch in body):
-        raise QueryError(f"Colour {text!r} is not a hex colour: write it as '#RRGGBB', e.g. '#FF8800'.")
-    return np.array([int(body[i : i + 2], 16) for i in (0, 2, 4)], dtype=np.float32) / 255.0
+# srgb_to_lab and parse_hex_color live in colorspace.py; imported above so color.X keeps working.
 
 
 def layout_to_lab(layout_u8: np.ndarray) -> np.ndarray:
@@ -136,11 +148,6 @@ def layout_to_lab(layout_u8: np.ndarray) -> np.ndarray:
 def _lab_to_u8(lab: np.ndarray) -> np.ndarray:
     out = np.stack([lab[..., 0] * (255.0 / 100.0), lab[..., 1] + 128.0, lab[..., 2] + 128.0], axis=-1)
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
-
-
-HIST_CENTERS_LAB: np.ndarray = srgb_to_lab(
-    (np.stack(np.meshgrid(*[np.arange(HIST_LEVELS)] * 3, indexing="ij"), axis=-1).reshape(-1, 3) + 0.5) / HIST_LEVELS
-)  # [HIST_BINS, 3]; bin index = r*L² + g*L + b
 
 
 # ---------------------------------------------------------------- extraction
@@ -162,8 +169,8 @@ def prepare(image: Image.Image | np.ndarray) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8)
 
 
-def analyse_one(rgb_u8: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Features of one prepared ANALYSIS_SIZE² uint8 RGB image: (stats, hist, layout_u8, regions)."""
+def analyse_one(rgb_u8: np.ndarray) -> dict[str, np.ndarray]:
+    """Colour columns (COLUMNS_BY_VERSION[COLOR_VERSION]) of one prepared ANALYSIS_SIZE² uint8 RGB image."""
     x = rgb_u8.astype(np.float32)
     r, g, b = x[..., 0], x[..., 1], x[..., 2]
     grey = 0.299 * r + 0.587 * g + 0.114 * b
@@ -187,40 +194,32 @@ def analyse_one(rgb_u8: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray,
         ],
         dtype=np.float32,
     )
-    q = (rgb_u8 // (256 // HIST_LEVELS)).astype(np.int32)
-    idx = (q[..., 0] * HIST_LEVELS + q[..., 1]) * HIST_LEVELS + q[..., 2]
-    hist = np.bincount(idx.ravel(), minlength=HIST_BINS).astype(np.float32)
-    hist /= hist.sum()
+    pal = analyse_palette(rgb_u8)
     # Layout: CIELAB of an 8×8-per-cell box-filtered copy, averaged per cell (cheaper than
     # converting all ANALYSIS_SIZE² pixels, and within ~1 ΔE of it on natural images).
     small = x.reshape(GRID * 8, ANALYSIS_SIZE // (GRID * 8), GRID * 8, ANALYSIS_SIZE // (GRID * 8), 3).mean(axis=(1, 3))
     lab = srgb_to_lab(small / 255.0)
     cells = lab.reshape(GRID, 8, GRID, 8, 3).mean(axis=(1, 3))  # [GRID, GRID, 3]
     regions = np.stack([cells[m].mean(axis=0) for m in REGION_MASKS.values()])
-    return stats, hist.astype(np.float16), _lab_to_u8(cells), regions.astype(np.float16)
+    return {
+        "stats": stats,
+        **pal,
+        "layout": _lab_to_u8(cells),
+        "regions": regions.astype(np.float16),
+    }
+
+
+def analyse_palette(rgb_u8: np.ndarray) -> dict[str, np.ndarray]:
+    """The UPGRADED_COLUMNS of one prepared image: its palette and each named region's shares of it."""
+    pal, shares = palette.extract(rgb_u8, _REGION_STACK)
+    return {"palette": pal, "palette_shares": shares}
 
 
 def analyse(images: list[Image.Image | np.ndarray]) -> ColorFeatures:
     """Colour features for a batch of images (PIL or HxWx3 arrays, uint8 or float 0..1)."""
     parts = [analyse_one(prepare(im)) for im in images]
-    if not parts:
-        return ColorFeatures(
-            stats=np.zeros((0, len(STATS)), np.float32),
-            hist=np.zeros((0, HIST_BINS), np.float16),
-            layout=np.zeros((0, GRID, GRID, 3), np.uint8),
-            regions=np.zeros((0, len(REGION_NAMES), 3), np.float16),
-        )
-    return ColorFeatures(
-        stats=np.stack([p[0] for p in parts]),
-        hist=np.stack([p[1] for p in parts]),
-        layout=np.stack([p[2] for p in parts]),
-        regions=np.stack([p[3] for p in parts]),
-    )
-
-
-def color_kernel(rgb: np.ndarray, sigma: float = 25.0) -> np.ndarray:
-    """Weights over histogram bins: how close each bin centre is to ``rgb`` (ΔE76 Gaussian, σ in ΔE)."""
-    lab = srgb_to_lab(np.asarray(rgb, dtype=np.float32))
-    d2 = ((HIST_CENTERS_LAB - lab) ** 2).sum(axis=-1)
-    w = np.exp(-d2 / (2.0 * sigma * sigma)).astype(np.float32)
-    return w
+    cols = {
+        name: np.stack([p[name] for p in parts]) if parts else np.zeros((0, *shape), dtype)
+        for name, dtype, shape in COLUMNS_BY_VERSION[COLOR_VERSION]
+    }
+    return ColorFeatures(**cols)

@@ -22,10 +22,7 @@ from .clip import ClipEmbedder
 
 @dataclass
 class Prepared:
-    stats: np.ndarray
-    hist: np.ndarray
-    layout: np.ndarray
-    regions: np.ndarray
+    colour: dict[str, np.ndarray]  # one row of each colour column (color.analyse_one)
     pixels: Any  # CLIP-preprocessed tensor [3, S, S] or None
     thumbnail: bytes | None
 
@@ -59,6 +56,12 @@ class FeatureExtractor:
                 f"This library is colour-only ({features.describe()}) but a CLIP model ({embedder.identity.describe()}) "
                 "was given; add entries without a CLIP model (clip_model 'none'), or use a library built with CLIP."
             )
+        if features.color_version != color.COLOR_VERSION:
+            raise IncompatibleLibraryError(
+                f"The library has colour features v{features.color_version}; this NoiseQuery computes "
+                f"v{color.COLOR_VERSION} and never mixes the two in one library. Upgrade the library first: "
+                "`python -m noisequery_core upgrade --library <folder>`."
+            )
         self.features = features
         self.embedder = embedder
 
@@ -66,18 +69,13 @@ class FeatureExtractor:
         """CPU work for one decoded image (thread-safe)."""
         if image.mode != "RGB":
             image = image.convert("RGB")
-        stats, hist, layout, regions = color.analyse_one(color.prepare(image))
+        colour = color.analyse_one(color.prepare(image))
         pixels = self.embedder.preprocess(image) if self.embedder is not None else None
-        return Prepared(stats, hist, layout, regions, pixels, encode_thumbnail(image, self.features))
+        return Prepared(colour, pixels, encode_thumbnail(image, self.features))
 
     def finish(self, prepared: Sequence[Prepared]) -> tuple[dict[str, np.ndarray], list[bytes | None]]:
         """Run the CLIP model on a prepared batch; returns (columns, thumbnails) for LibraryWriter.append."""
-        cols: dict[str, np.ndarray] = {
-            "stats": np.stack([p.stats for p in prepared]),
-            "hist": np.stack([p.hist for p in prepared]),
-            "layout": np.stack([p.layout for p in prepared]),
-            "regions": np.stack([p.regions for p in prepared]),
-        }
+        cols: dict[str, np.ndarray] = {name: np.stack([p.colour[name] for p in prepared]) for name in prepared[0].colour}
         if self.embedder is not None:
             import torch
 

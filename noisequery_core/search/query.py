@@ -29,7 +29,7 @@ from ..errors import QueryError
 from ..library.storage import Library
 from . import color
 from .index import ClipSearcher
-from .terms import ScanColumns, Term, clip_terms, color_term, layout_term, region_term, stat_term
+from .terms import ScanColumns, Term, clip_terms, color_terms, layout_term, region_term, stat_term
 
 log = logging.getLogger("noisequery")
 
@@ -173,7 +173,8 @@ class Searcher:
 
     # -- caches, refreshed when the library grows
     def _columns(self) -> ScanColumns:
-        if self._cols is None or self._cols.count != self.library.count:
+        lib = self.library
+        if self._cols is None or (self._cols.count, self._cols.color_version) != (lib.count, lib.features.color_version):
             self._cols = ScanColumns(self.library)
             self._sample = None
         return self._cols
@@ -330,7 +331,7 @@ class Searcher:
         if not query.has_color_terms:
             return []
         cols = self._columns()
-        terms: list[Term] = [color_term(cols, hexcol, w) for hexcol, w in query.colors]
+        terms: list[Term] = [*color_terms(cols, query.colors)]
         terms += [stat_term(cols, st) for st in query.stats]
         terms += [region_term(cols, rt) for rt in query.regions]
         if query.layout is not None:

@@ -1,14 +1,14 @@
 """Query terms: each part of a query, scored per library row by a small class with one ``score(rows)`` method.
 
-A term's raw values are on its own scale (a cosine, a colour-mass fraction, a negative distance); the
+A term's raw values are on its own scale (a cosine, a share of the pixels, a negative distance); the
 Searcher (search/query.py) standardises them on a sample of the library and adds them up by weight.
-One builder per kind of part (``clip_terms``, ``color_term``, ``stat_term``, ``region_term``,
-``layout_term``) turns it into its term and raises QueryError for a malformed part.
+One builder per kind of part (``clip_terms``, ``color_terms``, ``stat_term``, ``region_term``,
+``layout_term``) turns it into its term(s) and raises QueryError for a malformed part.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import QueryError
 from ..library.storage import Library
-from . import color
+from . import color, palette
 from .index import ClipSearcher
 
 if TYPE_CHECKING:  # the query's description types (query.py imports this module at run time)
@@ -43,12 +43,29 @@ class ScanColumns:
     """Column-major copies of the colour columns the terms scan (one contiguous array per feature)."""
 
     def __init__(self, library: Library):
+        self.library = library
         self.count = library.count
+        self.color_version = library.features.color_version
         self.stats = np.ascontiguousarray(np.asarray(library.column("stats"), dtype=np.float32).T)  # [S, N]
-        # float32 so a colour query is a few contiguous multiply-adds per active bin (the
-        # histogram is the only colour feature scanned in full: 256 B per entry in RAM).
-        self.hist = np.ascontiguousarray(np.asarray(library.column("hist"), dtype=np.float32).T)  # [B, N]
         self.regions = np.ascontiguousarray(np.asarray(library.column("regions")).transpose(1, 2, 0))  # fp16 [R,3,N]
+        self._palette: palette.PaletteColumns | None = None
+
+    def palette_columns(self) -> palette.PaletteColumns:
+        """The palette columns laid out for the scan (on first use: 40 B per entry in RAM, 8 more per region queried).
+
+        Raises QueryError, saying how to upgrade, for a library of an older colour version.
+        """
+        if self.color_version != color.COLOR_VERSION:
+            lib = self.library
+            raise QueryError(
+                f"Library {lib.path} has colour features v{self.color_version}; colour queries need "
+                f"v{color.COLOR_VERSION}. Upgrade it once with `python -m noisequery_core upgrade --library {lib.path}` "
+                "(add `--images <folder>` to recompute from the original images instead of the thumbnails). "
+                "Text, statistic, lightness and layout queries work without it."
+            )
+        if self._palette is None:
+            self._palette = palette.PaletteColumns.from_rows(self.library.column("palette"), self.library.column("palette_shares"))
+        return self._palette
 
 
 @dataclass(eq=False)
@@ -85,31 +102,52 @@ def clip_terms(query: Query, encode_text: Callable[[str], np.ndarray], dim: int,
     return terms
 
 
-# The colour term is the seam for the colour representation: it is the only term that reads the
-# histogram (with ScanColumns.hist and the colour-only MMR features), so a different representation
-# (e.g. a perceptual palette) replaces ColorTerm and color_term and leaves the Searcher as it is.
+# The colour terms are the seam for the colour representation: ColorTerm (also for region colours) and ColorMixTerm are the
+# only terms that read the palette columns (ScanColumns.palette_columns, search/palette.py).
 @dataclass(eq=False)
 class ColorTerm:
-    """How much of the image's colour mass lies near a target colour (histogram weighted by a colour kernel)."""
+    """How much of the image (or of a region) is a colour: the share of its pixels within CIEDE2000 20."""
 
     name: str
     weight: float
-    hist: np.ndarray  # [B, N] float32: the library's colour histograms, column-major
-    kernel: np.ndarray  # [B] weight of each bin for the target colour (color.color_kernel)
-    active: np.ndarray  # bins whose kernel weight matters
+    columns: palette.PaletteColumns
+    target: np.ndarray  # [3] CIELAB
+    region: int = 0  # color.REGION_NAMES index; 0 is the whole image
 
     def score(self, rows: np.ndarray | None) -> np.ndarray:
-        out = np.zeros(self.hist.shape[1] if rows is None else len(rows), np.float32)
-        for b in self.active:
-            out += self.kernel[b] * _pick(self.hist[b], rows)
-        return out
+        return palette.colour_share_scores(self.columns, self.target, region=self.region, rows=rows)
+
+
+@dataclass(eq=False)
+class ColorMixTerm:
+    """How well the image holds a mix of colours ("mostly orange, some blue"): palette.colour_mix_scores."""
+
+    name: str
+    weight: float
+    columns: palette.PaletteColumns
+    targets: list[np.ndarray]  # CIELAB per colour
+    proportions: list[float]  # the colours' weights, used as proportions
+
+    def score(self, rows: np.ndarray | None) -> np.ndarray:
+        return palette.colour_mix_scores(self.columns, self.targets, self.proportions, rows=rows)
 
 
 def color_term(cols: ScanColumns, hexcol: str, weight: float) -> ColorTerm:
-    """A dominant-colour term for ``hexcol`` ('#RRGGBB'); raises QueryError for a malformed colour."""
-    kern = color.color_kernel(color.parse_hex_color(hexcol))
-    active = np.nonzero(kern > 1e-2)[0]  # the rest holds a few % of the kernel's mass
-    return ColorTerm(f"color {hexcol}", float(weight), cols.hist, kern, active)
+    """A colour term for ``hexcol`` ('#RRGGBB'); raises QueryError for a malformed colour or an older library."""
+    target = color.srgb_to_lab(color.parse_hex_color(hexcol))
+    return ColorTerm(f"color {hexcol}", float(weight), cols.palette_columns(), target)
+
+
+def color_terms(cols: ScanColumns, colors: Sequence[tuple[str, float]]) -> list[ColorTerm | ColorMixTerm]:
+    """The terms of a query's colours: several colours all weighted above 0 are ONE mix term (their
+    weights are the proportions, their sum its weight); otherwise one term per colour (a negative
+    weight avoids that colour). Raises QueryError for a malformed colour or an older library."""
+    if len(colors) > 1 and all(float(w) > 0 for _, w in colors):
+        targets = [color.srgb_to_lab(color.parse_hex_color(h)) for h, _ in colors]
+        weights = [float(w) for _, w in colors]
+        label = "colors " + " + ".join(f"{h} {w / sum(weights):.0%}" for (h, _), w in zip(colors, weights))
+        return [ColorMixTerm(label, sum(weights), cols.palette_columns(), targets, weights)]
+    return [color_term(cols, hexcol, w) for hexcol, w in colors]
 
 
 @dataclass(eq=False)
@@ -164,20 +202,6 @@ def stat_term(cols: ScanColumns, st: StatTarget) -> StatTargetTerm | StatRangeTe
 
 
 @dataclass(eq=False)
-class RegionColorTerm:
-    """Closeness of a region's mean colour to a target: −(CIELAB distance)."""
-
-    name: str
-    weight: float
-    lab: np.ndarray  # [3, N] float16: the region's mean L, a, b
-    target: np.ndarray  # [3] CIELAB
-
-    def score(self, rows: np.ndarray | None) -> np.ndarray:
-        d2 = sum((_pick(self.lab[c], rows).astype(np.float32) - self.target[c]) ** 2 for c in range(3))
-        return -np.sqrt(d2)
-
-
-@dataclass(eq=False)
 class RegionLightnessTerm:
     """Closeness of a region's mean lightness to a target 0..1: −|L − 100·target|."""
 
@@ -190,7 +214,7 @@ class RegionLightnessTerm:
         return -np.abs(_pick(self.lightness, rows).astype(np.float32) - 100.0 * self.target)
 
 
-def region_term(cols: ScanColumns, rt: RegionTarget) -> RegionColorTerm | RegionLightnessTerm:
+def region_term(cols: ScanColumns, rt: RegionTarget) -> ColorTerm | RegionLightnessTerm:
     """A region term (a colour wins over a lightness when both are given); raises QueryError for bad targets."""
     if rt.region not in color.REGION_NAMES:
         raise QueryError(f"Unknown region {rt.region!r}; known: {', '.join(color.REGION_NAMES)}.")
@@ -199,9 +223,9 @@ def region_term(cols: ScanColumns, rt: RegionTarget) -> RegionColorTerm | Region
     if rt.lightness is not None and not 0.0 <= rt.lightness <= 1.0:
         raise QueryError(f"Lightness {rt.lightness} for region {rt.region!r} must be between 0 and 1.")
     r = color.REGION_NAMES.index(rt.region)
-    if rt.color is not None:
+    if rt.color is not None:  # the share of the region's pixels in that colour
         target = color.srgb_to_lab(color.parse_hex_color(rt.color))
-        return RegionColorTerm(f"{rt.region} {rt.color}", float(rt.weight), cols.regions[r], target)
+        return ColorTerm(f"{rt.region} {rt.color}", float(rt.weight), cols.palette_columns(), target, region=r)
     assert rt.lightness is not None  # checked above
     return RegionLightnessTerm(f"{rt.region} L={rt.lightness}", float(rt.weight), cols.regions[r, 0], rt.lightness)
 

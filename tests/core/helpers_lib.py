@@ -8,7 +8,7 @@ import numpy as np
 
 from noisequery_core.library.manifest import ClipIdentity, FeatureSet, GenerationKey
 from noisequery_core.library.storage import Library
-from noisequery_core.search import color
+from noisequery_core.search import color, palette
 
 
 def feature_set(dim: int | None = 16, thumbs: int = 0) -> FeatureSet:
@@ -18,9 +18,11 @@ def feature_set(dim: int | None = 16, thumbs: int = 0) -> FeatureSet:
 
 def rows(n: int, dim: int | None = 16, rng: np.random.Generator | None = None, clip: np.ndarray | None = None) -> dict[str, np.ndarray]:
     rng = rng or np.random.default_rng(0)
-    cols: dict[str, np.ndarray] = {
+    cols: dict[str, np.ndarray] = {  # one column per color.COLUMNS_BY_VERSION[COLOR_VERSION]
         "stats": rng.uniform(0, 1, (n, len(color.STATS))).astype(np.float32),
-        "hist": np.full((n, color.HIST_BINS), 1.0 / color.HIST_BINS, np.float16),
+        # Every row the same neutral palette (all mid-grey), so colour terms rank nothing by themselves.
+        "palette": np.broadcast_to(np.array([palette.code_of_lab(np.array([50.0, 0.0, 0.0])), 0], np.uint16), (n, palette.PALETTE_SIZE, 2)).copy(),
+        "palette_shares": np.pad(np.full((n, len(color.REGION_NAMES), 1), 255, np.uint8), ((0, 0), (0, 0), (0, palette.PALETTE_SIZE - 1))),
         "layout": rng.integers(0, 256, (n, color.GRID, color.GRID, 3), dtype=np.uint8),
         "regions": rng.uniform(0, 100, (n, len(color.REGION_NAMES), 3)).astype(np.float16),
     }

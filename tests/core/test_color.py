@@ -8,7 +8,7 @@ from conftest import halves, solid
 from PIL import Image
 
 from noisequery_core.errors import QueryError
-from noisequery_core.search import color
+from noisequery_core.search import color, palette
 
 
 def stats_of(im: Image.Image) -> dict[str, float]:
@@ -53,12 +53,20 @@ def test_layout_and_regions_follow_the_picture() -> None:
     assert reg["left"][0] == pytest.approx(reg["right"][0], abs=1)
 
 
-def test_histogram_sums_to_one_and_kernel_finds_colour() -> None:
-    f = color.analyse([solid((250, 130, 10))])
-    assert float(f.hist[0].astype(np.float32).sum()) == pytest.approx(1.0, abs=1e-3)
-    w_orange = color.color_kernel(color.parse_hex_color("#FF8800"))
-    w_blue = color.color_kernel(color.parse_hex_color("#0000FF"))
-    assert f.hist[0].astype(np.float32) @ w_orange > 5 * (f.hist[0].astype(np.float32) @ w_blue)
+def test_palette_shares_sum_to_one_and_find_the_colour() -> None:
+    f = color.analyse([solid((250, 130, 10)), halves((0, 0, 255), (255, 255, 0))])
+    assert f.palette_shares.shape == (2, len(color.REGION_NAMES), palette.PALETTE_SIZE)
+    assert (np.abs(f.palette_shares.astype(int).sum(axis=-1) - 255) <= 4).all()
+    cols = palette.PaletteColumns.from_rows(f.palette, f.palette_shares)
+
+    def share(hexcol: str, region: str = "whole") -> np.ndarray:
+        lab = color.srgb_to_lab(color.parse_hex_color(hexcol))
+        return palette.colour_share_scores(cols, lab, region=color.REGION_NAMES.index(region))
+
+    assert share("#FF8800")[0] > 0.95 and share("#0000FF")[0] < 0.01
+    assert share("#0000FF")[1] == pytest.approx(0.5, abs=0.02)
+    assert share("#0000FF", "top")[1] > 0.95 and share("#0000FF", "bottom")[1] < 0.01
+    assert share("#FFFF00", "bottom")[1] > 0.95 and share("#FFFF00", "top_left")[1] < 0.01
 
 
 def test_any_size_and_aspect() -> None:

@@ -105,7 +105,7 @@ def committed_seeds(path: Path) -> list[int]:
 # ------------------------------------------------------------------ links
 
 
-@pytest.mark.parametrize("column", ["seeds", "stats", "hist", "layout", "regions"])
+@pytest.mark.parametrize("column", ["seeds", "stats", "palette", "palette_shares", "layout", "regions"])
 def test_linked_column_file_is_refused(lib_path: Path, decoy: Path, tmp_path: Path, column: str) -> None:
     target = decoy / "victim.bin"
     (lib_path / f"{column}.bin").unlink()

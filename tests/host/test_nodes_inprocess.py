@@ -122,13 +122,14 @@ def test_library_folders_are_the_sessions(comfy_nodes: ModuleType, nq_libraries_
 
 
 def _colour_ranking(library_dir: Path, hex_colour: str) -> list[int]:
-    """The library's seeds by brute force, best first, for a dominant-colour-only query: a single term ranks by
-    its raw value, the stored histogram's mass near the colour (noisequery_core.search.color.color_kernel)."""
+    """The library's seeds by brute force, best first, for a colour-only query: a single term ranks by its raw
+    value, the share of the image in that colour from the stored palettes (noisequery_core.search.palette)."""
     from noisequery_core import Library
-    from noisequery_core.search import color
+    from noisequery_core.search import color, palette
 
     lib = Library.open(library_dir)
-    mass = np.asarray(lib.column("hist"), np.float64) @ color.color_kernel(color.parse_hex_color(hex_colour))
+    cols = palette.PaletteColumns.from_rows(np.asarray(lib.column("palette")), np.asarray(lib.column("palette_shares")))
+    mass = palette.colour_share_scores(cols, color.srgb_to_lab(color.parse_hex_color(hex_colour))).astype(np.float64)
     order = sorted(range(lib.count), key=lambda r: -mass[r])
     assert all(mass[a] - mass[b] > 1e-6 for a, b in zip(order, order[1:4])), "near-ties: the order would be luck"
     return [int(lib.seeds[r]) for r in order]
