@@ -485,9 +485,10 @@ def test_run_with_background(page: Any, node_id: int, frontend_server: ComfyServ
     page.wait_for_function("() => { app.canvas.setDirty(true, true); const [r, g, b] = __nqh.pixel(8, 0.9, 0.1);"
                            " return r > 200 && g < 60 && b < 60; }", timeout=15_000)
     # the node's run summary (ui.text) is shown on the widget
+    assert "a cat" in str(ui.get("text", [""])[0]), f"node 8 ui has no run summary: {str(ui)[:300]}"
     info = _root(page, 8).locator(".nq-hl-info")
-    if "text" in ui:
-        assert "a cat" in info.inner_text(), info.inner_text()
+    page.wait_for_function("() => document.querySelectorAll('.nq-hl-info').length > 0", timeout=15_000)
+    assert "a cat" in info.inner_text(), info.inner_text()
     _save_artifact(page, 8, tmp_path, "highlight_widget_after_run")
     _no_problems(page)
 
