@@ -207,7 +207,7 @@ def encode_images(vae: Any, model: Any, arrays: Sequence[np.ndarray], batch: int
 def _encode(vae: Any, model: Any, arrays: Sequence[np.ndarray], batch: int) -> torch.Tensor:
     out = []
     for i in range(0, len(arrays), batch):
-        px = torch.from_numpy(np.stack(arrays[i : i + batch])).float() / 255.0
+        px = to_image(arrays[i : i + batch])
         out.append(vae.encode(px).float())
     lat = torch.cat(out)
     return model.model.process_latent_in(lat)

@@ -22,7 +22,7 @@ from ..noisequery_core import (
 from ..noisequery_core.library.build import build_seeds
 from ..noisequery_core.library.paths import check_library_name, resolve_library
 from . import _host
-from ._glue import SEED_MAX, load_thumbnails
+from ._glue import SEED_MAX, load_thumbnails, to_image
 from ._validate import numbers_problem, require_numbers
 from .sampling import SeedRenderer
 
@@ -169,7 +169,7 @@ class BuildNoiseLibrary(io.ComfyNode):
         )
         log.info("BuildNoiseLibrary %s", report.replace("\n", " | "))
         if "images" in last:
-            images = torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) / 255.0 for im in last["images"]]))
+            images = to_image(last["images"])
             return io.NodeOutput(library_name, images, report, ui=ui.PreviewImage(images, cls=cls))
         return io.NodeOutput(library_name, torch.zeros((1, 64, 64, 3)), report, ui={"text": [report]})
 

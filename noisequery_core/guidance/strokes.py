@@ -89,6 +89,8 @@ def parse_strokes(text: str | None, where: str = "highlights") -> list[Stroke]:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise HighlightError(f"{where}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}); {fix}") from None
+    except RecursionError:  # nesting deeper than Python's parser goes: a hostile or broken workflow
+        raise HighlightError(f"{where}: the JSON is nested too deeply to be highlights; {fix}") from None
     if not isinstance(data, dict) or not isinstance(data.get("strokes"), list):
         raise HighlightError(f"{where}: expected an object with a 'strokes' list; {fix}")
     version = data.get("version", HIGHLIGHTS_VERSION)

@@ -175,7 +175,7 @@ def import_folder(
                     for f in futures:
                         f.cancel()
         writer.set_notes(last_import=report.to_json())
-        maintain_index(lib)
+        maintain_index(lib, progress=progress, check_cancel=check_cancel)
     if report.skipped:
         log.warning("import into %s: %s", lib.path, report.summary())
     return report

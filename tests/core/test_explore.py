@@ -144,3 +144,20 @@ def test_non_finite_strengths_never_reach_a_pick(strength: float, cond_strength:
     # the history a pick would be written back into stays parseable JSON without NaN
     ok = h.with_pick(candidates(h, 3, 0.3, 0.1)[1])
     assert "NaN" not in ok.to_json() and History.parse(ok.to_json(), 7) == ok
+
+
+def _history(start_seed: str, picks: str = "[]") -> str:
+    return ('{"format": "noisequery.explore", "version": ' + str(HISTORY_VERSION)
+            + ', "start_seed": ' + start_seed + ', "picks": ' + picks + "}")
+
+
+@pytest.mark.parametrize("doc", [
+    "[" * 200_000,  # deeper than Python's JSON parser goes
+    _history("Infinity"),
+    _history("5", '[{"index": 0, "seed": 1e30, "strength": 0.3}]'),
+    _history("5", '[{"index": 0.5, "seed": 3, "strength": 0.3}]'),
+    _history("-1"),
+])
+def test_hostile_history_is_refused_with_a_sentence(doc: str) -> None:
+    with pytest.raises(HistoryError, match="clear the history"):
+        History.parse(doc, 5)

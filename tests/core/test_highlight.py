@@ -320,3 +320,10 @@ def test_worst_accepted_drawing_maps_in_seconds(name: str) -> None:
             assert m.shape == (h, w) and bool(torch.isfinite(m).all())
     took = time.process_time() - t
     assert took < 15.0, f"{name}: {took:.1f} s of CPU"
+
+
+def test_deeply_nested_highlights_json_is_refused_with_a_sentence() -> None:
+    from noisequery_core.guidance.strokes import parse_strokes
+
+    with pytest.raises(HighlightError, match="nested too deeply"):
+        parse_strokes("[" * 200_000)

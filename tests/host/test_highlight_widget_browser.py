@@ -4,7 +4,7 @@ Headless Chromium (Debian's /usr/bin/chromium driven by the PyPI `playwright` pa
 downloaded) opens the page of the session's headless ComfyUI (`comfy_server`, this repo loaded as the NoiseQuery
 pack), adds the node, picks a phrase and drags strokes on the node's canvas with the mouse, then reads what the
 frontend would queue (`app.graphToPrompt().output`): the node's `highlights` input must hold the strokes JSON
-that noisequery_core/highlight.py parses, with points that follow the drag. Also: the phrase list following the
+that noisequery_core/guidance/strokes.py parses, with points that follow the drag. Also: the phrase list following the
 prompt, custom phrases, undo and clear, save and reload of the workflow, the canvas following the width/height
 inputs, a drawing gesture moving neither the view nor the node, the same in the Nodes 2.0 (Vue) renderer, and a
 run through the page's Run button with a `background` IMAGE that the widget then draws under the strokes.
