@@ -23,6 +23,7 @@ from ..noisequery_core.directions.noiseclr import (
 from ..noisequery_core.errors import NoiseCLRError
 from . import _host
 from ._glue import SEED_MAX
+from ._validate import check_numbers, numbers_problem, require_numbers
 from .directions_runtime import (
     FOLDER,
     MAX_INDEX,
@@ -91,7 +92,13 @@ class NoiseCLRTrainDirections(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, name: str | None = None, directions_per_iteration: int | None = None,
                         num_directions: int | None = None, t_min: int | None = None, t_max: int | None = None,
-                        names: str | None = None) -> bool | str:
+                        names: str | None = None, learning_rate: float | None = None,
+                        temperature: float | None = None) -> bool | str:
+        # ComfyUI skips its min/max checks for every input named here: numbers_problem re-applies the schema's
+        # ranges to the numbers (and refuses NaN/inf in the floats).
+        bad = numbers_problem(cls, locals())
+        if bad:
+            return bad
         try:
             if name is not None:
                 output_path(name)
@@ -116,6 +123,7 @@ class NoiseCLRTrainDirections(io.ComfyNode):
                 num_directions: int, directions_per_iteration: int, iterations: int, batch_size: int,
                 learning_rate: float, temperature: float, t_min: int, t_max: int, seed: int, token_count: int,
                 checkpoint_every: int, resume: bool, names: str, images: torch.Tensor | None = None) -> io.NodeOutput:
+        require_numbers(cls, locals())  # the arguments by name: linked values were not there to check at queue time
         settings = TrainSettings(
             num_directions=num_directions, directions_per_iteration=directions_per_iteration, iterations=iterations,
             batch_size=batch_size, learning_rate=learning_rate, temperature=temperature, t_min=t_min, t_max=t_max,
@@ -185,9 +193,22 @@ class NoiseCLRApplyDirections(io.ComfyNode):
         except NoiseCLRError as exc:  # execute reports it; here only "changed"
             return ("missing", directions, str(exc))
 
+    # Every FLOAT is named so that NaN/inf are refused at queue time (a NaN scale or start gives black images or an
+    # IndexError inside the sampler); check_numbers re-applies the ranges ComfyUI then skips. Kept in step with
+    # _slot_inputs (SLOTS = 4; tests/host/test_validation_server.py checks every FLOAT input is named).
+    @classmethod
+    def validate_inputs(cls, cfg: float | None = None,
+                        scale_1: float | None = None, start_1: float | None = None, end_1: float | None = None,
+                        scale_2: float | None = None, start_2: float | None = None, end_2: float | None = None,
+                        scale_3: float | None = None, start_3: float | None = None, end_3: float | None = None,
+                        scale_4: float | None = None, start_4: float | None = None, end_4: float | None = None
+                        ) -> bool | str:
+        return check_numbers(cls, locals())
+
     @classmethod
     def execute(cls, model: Any, directions: str, cfg: float, positive: Any = None, negative: Any = None,
                 **slot_values: Any) -> io.NodeOutput:
+        require_numbers(cls, {"cfg": cfg, **slot_values})  # linked values were not there to check at queue time
         d = load_directions(directions_path(directions))
         slots = [(int(slot_values[f"index_{n}"]), float(slot_values[f"scale_{n}"]), float(slot_values[f"start_{n}"]),
                   float(slot_values[f"end_{n}"])) for n in range(1, SLOTS + 1)]

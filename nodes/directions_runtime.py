@@ -36,6 +36,7 @@ from ..noisequery_core.directions.noiseclr import (
     train_directions,
 )
 from ..noisequery_core.errors import NoiseCLRError
+from ..noisequery_core.imaging import load_image
 from ..noisequery_core.work import CheckCancel, Progress, never_cancel, no_progress
 from . import _host
 from ._glue import to_image, to_uint8
@@ -120,8 +121,7 @@ def gather_images(folder: str, images: torch.Tensor | None, resolution: int) -> 
     if folder.strip():
         files = folder_images(folder)
         for f in files:
-            with Image.open(f) as im:
-                arrays.append(_square(im, resolution))
+            arrays.append(_square(load_image(f), resolution))  # upright, 8-bit by the file's real range
         sources.append(f"{len(files)} images from input/{folder.strip()}")
     if images is not None:
         arr = to_uint8(images)
@@ -207,7 +207,7 @@ def encode_images(vae: Any, model: Any, arrays: Sequence[np.ndarray], batch: int
 def _encode(vae: Any, model: Any, arrays: Sequence[np.ndarray], batch: int) -> torch.Tensor:
     out = []
     for i in range(0, len(arrays), batch):
-        px = torch.from_numpy(np.stack(arrays[i : i + batch])).float() / 255.0
+        px = to_image(arrays[i : i + batch])
         out.append(vae.encode(px).float())
     lat = torch.cat(out)
     return model.model.process_latent_in(lat)

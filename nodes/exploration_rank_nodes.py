@@ -19,6 +19,7 @@ from ..noisequery_core.exploration.rank import AestheticHead, clip_scores, embed
 from ..noisequery_core.search.clip import spec_for_identity
 from . import _host
 from ._glue import MissingNoise, PickedNoise, to_pil
+from ._validate import check_numbers, require_numbers
 
 log = logging.getLogger("noisequery")
 
@@ -90,8 +91,14 @@ class NoiseQueryRank(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, clip_weight: float | None = None, aesthetic_weight: float | None = None) -> bool | str:
+        # named so that NaN/inf are refused; check_numbers re-applies the ranges ComfyUI then skips
+        return check_numbers(cls, locals())
+
+    @classmethod
     def execute(cls, images: torch.Tensor, text: str, clip_model: str, clip_weight: float, aesthetic_model: str,
                 aesthetic_weight: float, noise: Any = None, library: str = "none") -> io.NodeOutput:
+        require_numbers(cls, {"clip_weight": clip_weight, "aesthetic_weight": aesthetic_weight})  # linked values
         use_clip = bool(text.strip()) and clip_weight > 0
         use_aesthetic = aesthetic_model != "none" and aesthetic_weight > 0
         if not (use_clip or use_aesthetic):

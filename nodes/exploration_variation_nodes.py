@@ -18,6 +18,8 @@ from comfy_api.latest import io, ui
 
 from ..noisequery_core.errors import NoiseQueryError
 from ..noisequery_core.exploration.explore import (
+    COND_STRENGTH_MAX,
+    STRENGTH_MAX,
     History,
     HistoryError,
     Pick,
@@ -29,6 +31,7 @@ from ..noisequery_core.exploration.explore import (
     variant_tokens,
 )
 from ._glue import MadeNoise, empty_latent, latent_shape, latent_size_inputs, seed_input
+from ._validate import numbers_problem, require_numbers
 
 MAX_VARIANTS = 64
 # ui keys read by web/js/noisequery_explore.js (kept in sync there).
@@ -89,8 +92,8 @@ class NoiseQueryVariations(io.ComfyNode):
                 seed_input("seed", 0, "Where the walk starts (e.g. a Noise Query seed). Changing it with picks in the history is refused: clear the history to start over."),
                 io.Conditioning.Input("positive", tooltip="The prompt to render with; moved only when cond_strength > 0."),
                 io.Int.Input("variants", default=4, min=1, max=MAX_VARIANTS, tooltip="How many variants each round offers (the batch size to render)."),
-                io.Float.Input("strength", default=0.3, min=0.0, max=1.0, step=0.01, tooltip="How far each variant moves from the current noise: 0 = same noise, 1 = an unrelated seed's noise."),
-                io.Float.Input("cond_strength", default=0.0, min=0.0, max=2.0, step=0.01, tooltip="How far each variant moves the prompt embedding: a random direction of this size relative to each token's norm (0 = prompt unchanged)."),
+                io.Float.Input("strength", default=0.3, min=0.0, max=STRENGTH_MAX, step=0.01, tooltip="How far each variant moves from the current noise: 0 = same noise, 1 = an unrelated seed's noise."),
+                io.Float.Input("cond_strength", default=0.0, min=0.0, max=COND_STRENGTH_MAX, step=0.01, tooltip="How far each variant moves the prompt embedding: a random direction of this size relative to each token's norm (0 = prompt unchanged)."),
                 *latent_size_inputs(),
                 io.Int.Input("pick", default=-1, min=-1, max=MAX_VARIANTS - 1, tooltip="Headless: pick this variant of the round shown by the current history, then offer the next round. -1 = no pick (the UI picks by clicking the Variant Picker and resets this to -1)."),
                 io.String.Input("history", multiline=True, default="", tooltip="The walk so far as JSON (written by the Variant Picker or the `pick` input). Keep it to replay the walk; clear it to start a new one."),
@@ -107,8 +110,13 @@ class NoiseQueryVariations(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, history: str | None = None) -> bool | str:
-        # Only `history` is listed: listing others would switch off ComfyUI's own min/max checks for them.
+    def validate_inputs(cls, history: str | None = None, strength: float | None = None,
+                        cond_strength: float | None = None) -> bool | str:
+        # Listing an input switches off ComfyUI's own min/max check for it: the numbers listed (so that NaN/inf
+        # are refused) get their schema ranges back from numbers_problem. The INT inputs are left to ComfyUI.
+        bad = numbers_problem(cls, locals())
+        if bad:
+            return bad
         if history is None or not history.strip():
             return True
         try:
@@ -124,6 +132,7 @@ class NoiseQueryVariations(io.ComfyNode):
     @classmethod
     def execute(cls, seed: int, positive: list[Any], variants: int, strength: float, cond_strength: float,
                 width: int, height: int, pick: int, history: str) -> io.NodeOutput:
+        require_numbers(cls, {"strength": strength, "cond_strength": cond_strength})  # linked values: unchecked so far
         hist = History.parse(history, seed)
         note = ""
         if pick >= 0:

@@ -24,6 +24,7 @@ from ..noisequery_core.exploration.interp import (
     seed_strip_noise,
 )
 from ._glue import MadeNoise, empty_latent, latent_shape, latent_size_inputs, seed_input
+from ._validate import check_numbers, require_numbers
 
 MAX_STEPS = 256
 T_LIMIT = 8.0
@@ -64,8 +65,14 @@ class NoiseQuerySeedSlerp(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, t_start: float | None = None, t_end: float | None = None) -> bool | str:
+        # named so that NaN/inf are refused; check_numbers re-applies the ranges ComfyUI then skips
+        return check_numbers(cls, locals())
+
+    @classmethod
     def execute(cls, seed_a: int, seed_b: int, steps: int, t_start: float, t_end: float, width: int,
                 height: int) -> io.NodeOutput:
+        require_numbers(cls, {"t_start": t_start, "t_end": t_end})  # linked values are unchecked at queue time
         ts = interpolation_ts(steps, t_start, t_end)
 
         def make(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
@@ -177,8 +184,14 @@ class NoiseQueryConditioningInterpolate(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, t_start: float | None = None, t_end: float | None = None) -> bool | str:
+        # named so that NaN/inf are refused; check_numbers re-applies the ranges ComfyUI then skips
+        return check_numbers(cls, locals())
+
+    @classmethod
     def execute(cls, conditioning_a: list[Any], conditioning_b: list[Any], mode: str, t_start: float, t_end: float,
                 steps: int) -> io.NodeOutput:
+        require_numbers(cls, {"t_start": t_start, "t_end": t_end})  # linked values are unchecked at queue time
         ts = interpolation_ts(steps, t_start, t_end)
         out = interpolate_conditioning(conditioning_a, conditioning_b, ts, mode)
         la = ", ".join(str(c[0].shape[1]) for c in conditioning_a)

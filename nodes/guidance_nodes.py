@@ -16,6 +16,7 @@ from ..noisequery_core.guidance.schedule import SCHEDULES, GuideSettings
 from ..noisequery_core.guidance.strokes import EMPTY_HIGHLIGHTS, Highlight, check_masks, parse_strokes, read_highlights
 from ..noisequery_core.guidance.tokens import phrase_token_columns
 from ._glue import data_url
+from ._validate import numbers_problem, require_numbers
 from .guidance_runtime import HighlightRuntime, install
 
 log = logging.getLogger("noisequery")
@@ -165,12 +166,20 @@ class HighlightScribbleGuide(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, highlights: str, start_percent: float, end_percent: float) -> bool | str:
+    def validate_inputs(cls, highlights: str | None = None, strength: float | None = None,
+                        start_percent: float | None = None, end_percent: float | None = None,
+                        edge_softness: float | None = None, refocus_percent: float | None = None,
+                        refocus_step_size: float | None = None) -> bool | str:
+        # Every number is named (so NaN/inf are refused); numbers_problem re-applies the schema ranges ComfyUI then
+        # skips (nodes/_validate.py). None is a linked input, checked when the node runs.
+        bad = numbers_problem(cls, locals())
+        if bad:
+            return bad
         try:
             parse_strokes(highlights)
         except HighlightError as exc:
             return str(exc)
-        if end_percent <= start_percent:
+        if start_percent is not None and end_percent is not None and end_percent <= start_percent:
             return f"end_percent ({end_percent}) must be greater than start_percent ({start_percent})"
         return True
 
@@ -180,6 +189,9 @@ class HighlightScribbleGuide(io.ComfyNode):
                 refocus_percent: float, refocus_iterations: int, refocus_step_size: float,
                 mask_highlights: list[tuple[str, torch.Tensor]] | None = None,
                 background: torch.Tensor | None = None, gligen: Any = None) -> io.NodeOutput:
+        require_numbers(cls, locals())  # the arguments by name: linked values were not there to check at queue time
+        if end_percent <= start_percent:
+            raise HighlightError(f"end_percent ({end_percent}) must be greater than start_percent ({start_percent})")
         groups = read_highlights(highlights, list(mask_highlights or []))
         ms = check_model(model)
         tokens = clip.tokenize(prompt)

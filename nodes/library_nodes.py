@@ -22,7 +22,8 @@ from ..noisequery_core import (
 from ..noisequery_core.library.build import build_seeds
 from ..noisequery_core.library.paths import check_library_name, resolve_library
 from . import _host
-from ._glue import SEED_MAX, load_thumbnails
+from ._glue import SEED_MAX, load_thumbnails, to_image
+from ._validate import numbers_problem, require_numbers
 from .sampling import SeedRenderer
 
 log = logging.getLogger("noisequery")
@@ -72,9 +73,13 @@ class BuildNoiseLibrary(io.ComfyNode):
         )
 
     # Only the inputs checked here are in the signature: ComfyUI skips its own range/list checks
-    # for inputs a validate_inputs names (and for all of them with **kwargs).
+    # for inputs a validate_inputs names (and for all of them with **kwargs); numbers_problem
+    # re-applies the schema's ranges to the numbers named here, and refuses NaN/inf (nodes/_validate.py).
     @classmethod
-    def validate_inputs(cls, library_name: str | None = None) -> bool | str:
+    def validate_inputs(cls, library_name: str | None = None, cfg: float | None = None) -> bool | str:
+        bad = numbers_problem(cls, locals())
+        if bad:
+            return bad
         if library_name is not None:
             try:
                 check_library_name(library_name)
@@ -95,6 +100,7 @@ class BuildNoiseLibrary(io.ComfyNode):
         seed_start: int, count: int, batch_size: int, steps: int, cfg: float, sampler_name: str, scheduler: str,
         clip_model: str, thumbnail_size: int,
     ) -> io.NodeOutput:
+        require_numbers(cls, {"cfg": cfg})  # a linked value was not there to check at queue time
         if width % 8 or height % 8:
             raise NoiseQueryError(f"BuildNoiseLibrary: width {width} and height {height} must be multiples of 8 (the latent "
                                   f"is 1/8 of the image); use e.g. {width - width % 8 or 8}x{height - height % 8 or 8}.")
@@ -163,7 +169,7 @@ class BuildNoiseLibrary(io.ComfyNode):
         )
         log.info("BuildNoiseLibrary %s", report.replace("\n", " | "))
         if "images" in last:
-            images = torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) / 255.0 for im in last["images"]]))
+            images = to_image(last["images"])
             return io.NodeOutput(library_name, images, report, ui=ui.PreviewImage(images, cls=cls))
         return io.NodeOutput(library_name, torch.zeros((1, 64, 64, 3)), report, ui={"text": [report]})
 

@@ -16,6 +16,7 @@ from ..noisequery_core.search.color import parse_hex_color
 from ..noisequery_core.search.query import Hit, format_report
 from . import _host
 from ._glue import SEED_MAX, SeedNoise, empty_latent, load_thumbnails, to_uint8
+from ._validate import numbers_problem, require_numbers
 
 log = logging.getLogger("noisequery")
 
@@ -137,7 +138,12 @@ class NoiseQueryText(io.ComfyNode):
         return _host.library_fingerprint(library)
 
     @classmethod
-    def validate_inputs(cls, exclude_seeds: str | None = None) -> bool | str:
+    def validate_inputs(cls, exclude_seeds: str | None = None, text_weight: float | None = None,
+                        negative_weight: float | None = None, diversity: float | None = None) -> bool | str:
+        # the numbers are named so that NaN/inf are refused; numbers_problem re-applies their ranges
+        bad = numbers_problem(cls, locals())
+        if bad:
+            return bad
         try:
             if exclude_seeds is not None:
                 _parse_seeds(exclude_seeds)
@@ -148,6 +154,7 @@ class NoiseQueryText(io.ComfyNode):
     @classmethod
     def execute(cls, library: str, text: str, negative_text: str, text_weight: float, negative_weight: float, top_k: int,
                 rank_offset: int, diversity: float, exclude_seeds: str, also: Query | None = None, model: Any = None) -> io.NodeOutput:
+        require_numbers(cls, locals())  # the arguments by name: linked values were not there to check at queue time
         if not text.strip() and also is None:
             raise QueryError("NoiseQueryText: the text is empty. Type what the image should show, or connect a colour query to 'also'.")
         q = Query(text=text, text_weight=text_weight, negative_text=negative_text, negative_weight=negative_weight,
@@ -199,7 +206,17 @@ class NoiseQueryColor(io.ComfyNode):
         return _host.library_fingerprint(library)
 
     @classmethod
-    def validate_inputs(cls, color: str | None = None, region_color: str | None = None, exclude_seeds: str | None = None) -> bool | str:
+    def validate_inputs(cls, color: str | None = None, region_color: str | None = None, exclude_seeds: str | None = None,
+                        color_weight: float | None = None, brightness: float | None = None,
+                        contrast: float | None = None, saturation: float | None = None,
+                        colorfulness: float | None = None, sharpness: float | None = None,
+                        stats_weight: float | None = None, region_lightness: float | None = None,
+                        region_weight: float | None = None, layout_weight: float | None = None,
+                        diversity: float | None = None) -> bool | str:
+        # the numbers are named so that NaN/inf are refused; numbers_problem re-applies their ranges
+        bad = numbers_problem(cls, locals())
+        if bad:
+            return bad
         try:
             if color:
                 parse_hex_color(color)
@@ -217,6 +234,7 @@ class NoiseQueryColor(io.ComfyNode):
                 region_lightness: float, region_weight: float, layout_weight: float, top_k: int, rank_offset: int,
                 diversity: float, exclude_seeds: str, layout_image: torch.Tensor | None = None, also: Query | None = None,
                 model: Any = None) -> io.NodeOutput:
+        require_numbers(cls, locals())  # the arguments by name: linked values were not there to check at queue time
         stats = tuple(
             StatTarget(name, target=float(v), weight=stats_weight)
             for name, v in (("brightness", brightness), ("contrast", contrast), ("saturation", saturation),

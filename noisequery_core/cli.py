@@ -108,10 +108,11 @@ def cmd_search(args: argparse.Namespace) -> Any:
     if args.like_image:
         from PIL import Image
 
+        from .imaging import ImageDecodeError, load_image
+
         try:
-            with Image.open(args.like_image) as f:
-                im = f.convert("RGB")
-        except OSError as exc:
+            im = load_image(args.like_image)  # upright, 8-bit by the file's real range (as import sees it)
+        except (OSError, Image.DecompressionBombError, ImageDecodeError) as exc:
             raise NoiseQueryError(f"--like-image {args.like_image}: cannot read the image ({exc}).") from None
         layout = color.analyse([im]).layout[0]
         if embedder is not None:

@@ -13,13 +13,13 @@ from collections.abc import Sequence
 
 import torch
 
-SEED_MASK = 2**64 - 1
+from .library.storage import SEED_MAX  # seeds are full uint64, the library's row keys
 
 
 def seed_noise(seed: int, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Noise of ``shape`` (C, H, W or 1, C, H, W) for one seed, drawn on the CPU."""
     gen = torch.Generator(device="cpu")
-    gen.manual_seed(int(seed) & SEED_MASK)
+    gen.manual_seed(int(seed) & SEED_MAX)
     return torch.randn(tuple(shape), dtype=dtype, generator=gen, device="cpu")
 
 

@@ -79,11 +79,16 @@ fi
 _nq_fe_cache="${NOISEQUERY_FRONTEND_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/noisequery/frontend}"
 mkdir -p "$_nq_fe_cache/wheels"
 # No version given: pip asks PyPI for the newest release; a wheel already in the folder is not fetched again.
+_nq_log="$(mktemp)"
 if ! "$PY" -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: \
-     comfyui-frontend-package -d "$_nq_fe_cache/wheels" >&2; then
+     comfyui-frontend-package -d "$_nq_fe_cache/wheels" >"$_nq_log" 2>&1; then
+  grep -v "is ignored: it is neither" "$_nq_log" >&2 || true
   echo "[host] could not download the newest comfyui-frontend-package: using the newest wheel already cached" \
        "in $_nq_fe_cache/wheels, if any" >&2
+else
+  grep -v "is ignored: it is neither" "$_nq_log" >&2 || true
 fi
+rm -f "$_nq_log"
 # The newest wheel in the cache, unzipped once (to <cache>/<version>/); older versions are pruned.
 _nq_fe="$("$PY" - "$_nq_fe_cache" <<'PYEOF'
 import shutil
@@ -122,4 +127,4 @@ if [ -n "$_nq_fe" ] && [ -f "${_nq_fe#*$'\t'}/index.html" ]; then
 else
   echo "[host] no newest comfyui-frontend-package at hand: its browser tests will fail" >&2
 fi
-unset _nq_snapshot _nq_tmp _nq_chromium _nq_sudo _nq_fe_cache _nq_fe
+unset _nq_snapshot _nq_tmp _nq_chromium _nq_sudo _nq_fe_cache _nq_fe _nq_log

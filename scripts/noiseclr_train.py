@@ -102,7 +102,6 @@ def main(argv: list[str] | None = None) -> int:
 
     nodes, mod = boot(a.comfyui, cpu=not a.gpu, extra_model_paths=a.extra_model_paths_config)
     import torch
-    from PIL import Image
 
     core = sys.modules[mod.__name__.rsplit(".", 2)[0] + ".noisequery_core.directions.noiseclr"]
     settings = core.TrainSettings(
@@ -113,9 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     if len(files) < 2:
         sys.exit(f"{a.images}: need at least 2 images ({', '.join(mod.IMAGE_EXTS)})")
     arrays = []
+    imaging = sys.modules[mod.__name__.rsplit(".", 2)[0] + ".noisequery_core.imaging"]
     for f in files:
-        with Image.open(f) as im:
-            arrays.append(mod._square(im, a.resolution))
+        arrays.append(mod._square(imaging.load_image(f), a.resolution))  # upright, 8-bit by the real range
     out = Path(a.out) / f"{a.name}.safetensors" if a.out else mod.output_path(a.name)
 
     stop = {"asked": False}

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# README command 2: set up .venv, then lint (ruff), type-check the core (mypy) and run pytest.
+# README command 2: set up .venv, then lint (ruff), type-check noisequery_core + nodes (mypy, Python 3.10) and run pytest.
 # Real-ComfyUI tests run when a checkout is at $COMFYUI_PATH or ~/ComfyUI, and skip (with the reason) otherwise.
 # With CI set (as .ci/run is run) or NOISEQUERY_HOST_SETUP=1, scripts/_host_setup.sh first makes sure the host is
 # there (unpacks the ComfyUI snapshot, installs chromium, downloads the newest frontend) and every skip of a
@@ -25,7 +25,7 @@ else
 fi
 echo "[lint] ruff" >&2
 "$PY" -m ruff check .
-echo "[types] mypy noisequery_core" >&2
+echo "[types] mypy noisequery_core + nodes (Python 3.10)" >&2
 "$PY" scripts/typecheck.py
 echo "[tests] pytest tests" >&2
 set +e

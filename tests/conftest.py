@@ -58,11 +58,13 @@ def _tier(path: Path) -> str:
         path = _ROOT[0] / path
     if not path.resolve().is_relative_to(HOST_TESTS):
         return "core"
+    if path.stem == "test_harness_smoke":  # the harness testing itself, not the pack
+        return "harness"
     return "browser" if path.stem.endswith("_browser") else "host"
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    """Per tier (core, host, browser): outcome counts and the time spent in setup + call + teardown."""
+    """Per tier (core, host, browser; harness = the test harness's own self-tests): outcome counts and the time spent in setup + call + teardown."""
     t = _TIERS.setdefault(_tier(Path(report.fspath)), {})
     t["seconds"] = t.get("seconds", 0.0) + report.duration
     if report.when == "call" or (report.when == "setup" and not report.passed) or (
@@ -73,7 +75,7 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    for name in ("core", "host", "browser"):
+    for name in ("core", "host", "browser", "harness"):
         t = _TIERS.get(name)
         if t:
             counts = ", ".join(f"{int(v)} {k}" for k, v in t.items() if k != "seconds")

@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..checks import number_problem
 from ..errors import NoiseCLRError
 from ..library.manifest import atomic_write_bytes
 from ..work import CheckCancel, Progress, never_cancel, no_progress
@@ -55,6 +56,10 @@ META_KEY = "noiseclr"
 CHECKPOINT_SUFFIX = ".safetensors.checkpoint"
 MAX_NAME_PART = 100  # characters per folder/file part of a directions name (+ suffixes stays < 255 bytes)
 MAX_DIRECTIONS = 256
+# Direction tokens start as the text encoder's output (values of a few tens) and move by small Adam steps; a file
+# holding a value beyond this is damaged or not trained by NoiseQuery, and would give black images.
+MAX_ABS_VALUE = 1e4
+FLOAT_SETTINGS = ("learning_rate", "temperature", "init_noise")
 
 PredictNoise = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -96,6 +101,10 @@ class TrainSettings:
             bad(f"batch_size {self.batch_size} must be at least 2 (positives are the same direction on two images).")
         if self.iterations < 0:
             bad(f"iterations {self.iterations} must be >= 0.")
+        for name in FLOAT_SETTINGS:
+            problem = number_problem(getattr(self, name), lo=0.0)
+            if problem is not None:
+                bad(f"{name} {problem}; use a finite number >= 0.")
         if not self.learning_rate > 0 or not self.temperature > 0:
             bad("learning_rate and temperature must be > 0.")
         if not 0 <= self.t_min <= self.t_max:
@@ -266,6 +275,16 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     for name in ("directions", "empty"):
         if name not in tensors:
             raise NoiseCLRError(f"{path}: tensor {name!r} is missing; the file is damaged.")
+    for name, t in tensors.items():
+        if t.is_floating_point() and t.numel():
+            t32 = t.float()
+            if not bool(torch.isfinite(t32).all()):
+                raise NoiseCLRError(f"{path}: tensor {name!r} holds NaN or infinite values; the file is damaged. "
+                                    "Train the directions again (or resume from an intact checkpoint).")
+            if name in ("directions", "empty") and float(t32.abs().max()) > MAX_ABS_VALUE:
+                raise NoiseCLRError(f"{path}: tensor {name!r} holds values up to {float(t32.abs().max()):.3g}, beyond "
+                                    f"any text encoding (|x| <= {MAX_ABS_VALUE:g}); the file is damaged or was not "
+                                    "written by NoiseQuery. Train the directions again.")
     return tensors, meta
 
 
@@ -274,12 +293,18 @@ def load_directions(path: str | Path) -> Directions:
     path = Path(path)
     tensors, meta = _read(path)
     try:
+        settings = TrainSettings.from_dict(dict(meta.get("settings") or {}))
+        for name in FLOAT_SETTINGS:
+            problem = number_problem(getattr(settings, name))
+            if problem is not None:
+                raise NoiseCLRError(f"setting {name} {problem}; the file's metadata is damaged. Train the directions "
+                                    "again.")
         return Directions(
             directions=tensors["directions"].float(),
             empty=tensors["empty"].float(),
             names=[str(n) for n in meta.get("names") or []],
             base_model=dict(meta.get("base_model") or {}),
-            settings=TrainSettings.from_dict(dict(meta.get("settings") or {})),
+            settings=settings,
             iterations_done=int(meta.get("iterations_done", 0)),
             loss_history=[float(x) for x in meta.get("loss_history") or []],
             data=dict(meta.get("data") or {}),

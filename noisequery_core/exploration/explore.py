@@ -26,13 +26,19 @@ from typing import Any
 
 import torch
 
+from ..checks import finite
 from ..errors import NoiseQueryError
-from ..noise import SEED_MASK, seed_noise
+from ..noise import SEED_MAX, seed_noise
 from .interp import slerp
 
 HISTORY_FORMAT = "noisequery.explore"
 HISTORY_VERSION = 1
 DERIVATION = "noisequery.explore/v1"
+# A variant's noise strength is a slerp factor (0 = the current noise, 1 = the fresh seed's); its prompt strength is
+# relative to each token's norm. Both are refused outside these ranges (and when NaN/inf) wherever they enter: the
+# node's widgets (nodes/exploration_variation_nodes.py uses these bounds), candidates() and a parsed history.
+STRENGTH_MAX = 1.0
+COND_STRENGTH_MAX = 2.0
 
 
 class HistoryError(NoiseQueryError):
@@ -41,8 +47,8 @@ class HistoryError(NoiseQueryError):
 
 def derive_seed(start_seed: int, round_index: int, index: int, what: str = "noise") -> int:
     """A 64-bit seed for variant ``index`` of round ``round_index`` of the walk starting at ``start_seed``."""
-    key = f"{DERIVATION}:{int(start_seed) & SEED_MASK}:{int(round_index)}:{int(index)}:{what}".encode()
-    return int.from_bytes(hashlib.sha256(key).digest()[:8], "big") & SEED_MASK
+    key = f"{DERIVATION}:{int(start_seed) & SEED_MAX}:{int(round_index)}:{int(index)}:{what}".encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:8], "big") & SEED_MAX
 
 
 @dataclass(frozen=True)
@@ -92,6 +98,9 @@ class History:
         except json.JSONDecodeError as exc:
             raise HistoryError(f"exploration history is not valid JSON ({exc.msg} at character {exc.pos}); "
                                "clear the history widget to start a new walk.") from None
+        except RecursionError:  # nesting deeper than Python's parser goes: a hostile or broken workflow
+            raise HistoryError("exploration history is nested too deeply to be a history; "
+                               "clear the history widget to start a new walk.") from None
         if not isinstance(doc, dict) or doc.get("format") != HISTORY_FORMAT:
             raise HistoryError(f"exploration history: expected an object with \"format\": \"{HISTORY_FORMAT}\"; "
                                "clear the history widget to start a new walk.")
@@ -100,9 +109,9 @@ class History:
             raise HistoryError(f"exploration history version {version!r} is not supported (this NoiseQuery reads "
                                f"version {HISTORY_VERSION}); update NoiseQuery or clear the history.")
         try:
-            start = int(doc["start_seed"])
+            start = _seed_from(doc["start_seed"], "start_seed")
             picks = tuple(_pick_from(p, i) for i, p in enumerate(doc.get("picks", [])))
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise HistoryError(f"exploration history is damaged ({exc}); clear the history widget to start over.") from None
         if picks and start != int(start_seed):
             raise HistoryError(
@@ -111,23 +120,47 @@ class History:
         return cls(int(start_seed), picks)
 
 
+def _int_from(value: Any, what: str, lo: int, hi: int) -> int:
+    """A whole number lo..hi from history JSON (no bools, fractions, NaN or infinities), else HistoryError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value in (float("inf"), float("-inf")) \
+            or int(value) != value or not lo <= int(value) <= hi:
+        raise HistoryError(f"exploration history: {what} is {value!r}, not a whole number from {lo} to {hi}; "
+                           "the history is damaged: clear the history widget to start a new walk.")
+    return int(value)
+
+
+def _seed_from(value: Any, what: str) -> int:
+    return _int_from(value, what, 0, SEED_MAX)
+
+
 def _pick_from(p: Any, i: int) -> Pick:
     if not isinstance(p, dict):
         raise HistoryError(f"exploration history: pick {i} is {type(p).__name__}, not an object with index/seed/"
                            "strength; clear the history widget to start over.")
-    pick = Pick(index=int(p["index"]), seed=int(p["seed"]), strength=float(p["strength"]),
-                cond_seed=int(p.get("cond_seed", 0)), cond_strength=float(p.get("cond_strength", 0.0)))
-    if not 0 <= pick.seed <= SEED_MASK or not 0 <= pick.cond_seed <= SEED_MASK:
-        raise HistoryError(f"exploration history: pick {i} has a seed outside 0..{SEED_MASK} (seed {pick.seed}, "
+    fix = "the history is damaged; clear the history widget to start a new walk."
+    pick = Pick(index=_int_from(p["index"], f"pick {i} index", 0, 1 << 20), seed=_seed_from(p["seed"], f"pick {i} seed"),
+                strength=finite(p["strength"], f"exploration history: pick {i} strength", lo=0.0, hi=STRENGTH_MAX,
+                                fix=fix, error=HistoryError),
+                cond_seed=_seed_from(p.get("cond_seed", 0), f"pick {i} cond_seed"),
+                cond_strength=finite(p.get("cond_strength", 0.0), f"exploration history: pick {i} cond_strength",
+                                     lo=0.0, hi=COND_STRENGTH_MAX, fix=fix, error=HistoryError))
+    if not 0 <= pick.seed <= SEED_MAX or not 0 <= pick.cond_seed <= SEED_MAX:
+        raise HistoryError(f"exploration history: pick {i} has a seed outside 0..{SEED_MAX} (seed {pick.seed}, "
                            f"cond_seed {pick.cond_seed}); the history is damaged, clear it to start over.")
     return pick
 
 
 def candidates(history: History, count: int, strength: float, cond_strength: float = 0.0) -> list[Pick]:
-    """The ``count`` variants offered in the history's current round (each is the Pick it would become)."""
+    """The ``count`` variants offered in the history's current round (each is the Pick it would become).
+
+    Raises HistoryError when a strength is NaN, infinite or outside 0..STRENGTH_MAX / 0..COND_STRENGTH_MAX (such a
+    pick would render black and be written into the history).
+    """
+    strength = finite(strength, "variation strength", lo=0.0, hi=STRENGTH_MAX, error=HistoryError)
+    cond_strength = finite(cond_strength, "variation cond_strength", lo=0.0, hi=COND_STRENGTH_MAX, error=HistoryError)
     k = history.round
-    return [Pick(index=j, seed=derive_seed(history.start_seed, k, j), strength=float(strength),
-                 cond_seed=derive_seed(history.start_seed, k, j, "cond"), cond_strength=float(cond_strength))
+    return [Pick(index=j, seed=derive_seed(history.start_seed, k, j), strength=strength,
+                 cond_seed=derive_seed(history.start_seed, k, j, "cond"), cond_strength=cond_strength)
             for j in range(count)]
 
 

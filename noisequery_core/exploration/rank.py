@@ -33,6 +33,20 @@ class AestheticHead:
     def __init__(self, layers: Sequence[tuple[torch.Tensor, torch.Tensor | None]], name: str = ""):
         if not layers:
             raise ModelError(f"aesthetic model {name or '?'}: no Linear layers found.")
+        for i, (w, b) in enumerate(layers):
+            # A file from a stranger: only real, finite, well-shaped Linear weights become a score head.
+            for what, t in (("weight", w), ("bias", b)):
+                if t is None:
+                    continue
+                if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.numel() == 0:
+                    raise ModelError(f"aesthetic model {name}: layer {i} {what} is not a non-empty float tensor; "
+                                     "pick a LAION-style aesthetic head (.safetensors) in models/noisequery_aesthetic.")
+                if not bool(torch.isfinite(t).all()):
+                    raise ModelError(f"aesthetic model {name}: layer {i} {what} holds NaN or infinite values; "
+                                     "the file is damaged: download it again.")
+            if b is not None and tuple(b.shape) != (w.shape[0],):
+                raise ModelError(f"aesthetic model {name}: layer {i} bias has shape {tuple(b.shape)} but its weight "
+                                 f"gives {w.shape[0]} outputs.")
         for i in range(1, len(layers)):
             if layers[i][0].shape[1] != layers[i - 1][0].shape[0]:
                 raise ModelError(f"aesthetic model {name}: layer {i} takes {layers[i][0].shape[1]} inputs but the "

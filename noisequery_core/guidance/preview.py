@@ -21,6 +21,16 @@ PALETTE = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30
 OPACITY = 0.75
 BACKGROUND_DIM = 0.6
 BACKGROUND_GREY = 0.08
+# The preview is a quarter of the image, at most this long on its longer side: a 16384 px image would otherwise
+# blend 4096 x 4096 maps per phrase (its region maps are computed at most 128 cells wide: regions.MAX_MAP_SIDE).
+PREVIEW_MAX_SIDE = 512
+
+
+def preview_shape(width: int, height: int) -> tuple[int, int]:
+    """(h, w) of the regions preview of a width x height image: a quarter of it, at most PREVIEW_MAX_SIDE long."""
+    w, h = max(8, width // 4), max(8, height // 4)
+    scale = min(1.0, PREVIEW_MAX_SIDE / max(w, h))
+    return max(8, round(h * scale)), max(8, round(w * scale))
 
 
 def highlight_rgb(hl: Highlight, index: int) -> tuple[float, float, float]:
@@ -40,7 +50,8 @@ def highlight_rgb(hl: Highlight, index: int) -> tuple[float, float, float]:
 
 def region_preview(highlights: Sequence[Highlight], width: int, height: int, softness: float,
                    background: torch.Tensor | None = None) -> torch.Tensor:
-    """Each phrase's soft region in its colour, at a quarter of the image size (at least 8 x 8).
+    """Each phrase's soft region in its colour, at a quarter of the image size (at least 8 x 8, at most
+    PREVIEW_MAX_SIDE on the longer side: preview_shape).
 
     Args:
         highlights: the phrases and regions, in order (the index picks the palette colour).
@@ -49,9 +60,9 @@ def region_preview(highlights: Sequence[Highlight], width: int, height: int, sof
         background: optional [B, H, W, C] image in 0..1 (its first item is dimmed and drawn under
             the regions); any size, resampled.
     Returns:
-        [1, height // 4, width // 4, 3] float32 in 0..1, on the CPU.
+        [1, h, w, 3] float32 in 0..1, on the CPU; (h, w) = preview_shape(width, height).
     """
-    w, h = max(8, width // 4), max(8, height // 4)
+    h, w = preview_shape(width, height)
     if background is not None:
         bg = background[:1, ..., :3].detach().cpu().float().movedim(-1, 1)
         base = torch.nn.functional.interpolate(bg, size=(h, w), mode="bilinear", align_corners=False)[0].movedim(0, -1)

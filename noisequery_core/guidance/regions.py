@@ -10,10 +10,24 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from ..errors import HighlightError
 from .strokes import Highlight, Stroke
+
+# Region maps are computed on at most MAX_MAP_SIDE cells per side and resized beyond: every attention level of an
+# SD1.x image up to 1024 px and an SDXL one up to 2048 px is exact (previews are smaller still: preview.py).
+MAX_MAP_SIDE = 128
+# A map value below exp(-E_CUT^2 / 2) (1.5e-8) is 0, and a block of cells over which the map provably varies by
+# less than MAP_TOLERANCE is interpolated from its corners: every value is within MAP_TOLERANCE of the exact one
+# (and far closer in practice), and the flat parts of soft strokes cost a few blocks instead of every cell.
+E_CUT = 6.0
+MAP_TOLERANCE = 0.01
+PAIR_CHUNK = 1 << 18  # (block, segment) distances computed at once: bounds the working memory (~100 MB)
+# Stroke points closer than this many grid cells to the previous one are dropped before a map is computed
+# (distances move by less than that: invisible, and a dense stroke on a coarse grid costs what a simple one does).
+THIN_CELLS = 0.02
 
 
 def _scale(aspect: float) -> tuple[float, float]:
@@ -30,37 +44,195 @@ def _grid(h: int, w: int, aspect: float) -> torch.Tensor:
     return torch.stack([gx.reshape(-1), gy.reshape(-1)], dim=1)
 
 
-def stroke_map(stroke: Stroke, h: int, w: int, aspect: float | None = None, softness: float = 0.5) -> torch.Tensor:
-    """Soft region of one stroke on an h x w grid.
+def _units(h: int, w: int, aspect: float | None) -> tuple[float, float, float]:
+    """(sx, sy, cell): the grid's extent in 'shorter side' units and its larger cell side."""
+    sx, sy = _scale(aspect if aspect is not None else w / h)
+    return sx, sy, max(sx / w, sy / h)
 
-    1 within half the stroke width of the polyline, then a Gaussian falloff of
+
+def _thin(points: Sequence[tuple[float, float]], sx: float, sy: float, tol: float) -> np.ndarray:
+    """The polyline in shorter-side units [n, 2], without points closer than ``tol`` to the previous kept one.
+
+    Dropping such a point moves the polyline by less than ``tol`` (every dropped point lies within ``tol`` of a
+    kept one), so distances change by less than ``tol``; the last point is always kept.
+    """
+    pts = np.asarray(points, dtype=np.float64) * np.array([sx, sy])
+    if tol <= 0 or len(pts) <= 2:
+        return pts
+    keep = [0]
+    last = pts[0]
+    for i in range(1, len(pts) - 1):
+        if math.dist(pts[i], last) >= tol:
+            keep.append(i)
+            last = pts[i]
+    keep.append(len(pts) - 1)
+    return pts[keep]
+
+
+def _segment_table(strokes: Sequence[Stroke], sx: float, sy: float, cell: float, softness: float
+                   ) -> tuple[np.ndarray, ...]:
+    """Every segment of ``strokes`` as (ax, ay, abx, aby, radius, falloff), each [S], in shorter-side units.
+
+    The radius never drops below half a grid cell and the falloff below 0.35 cell, so a thin stroke still
+    marks the cells it crosses at coarse attention resolutions. Points closer than THIN_CELLS cell to the
+    previous one are dropped first (a dense stroke on a coarse grid shrinks to the segments that matter).
+    """
+    cols: list[list[np.ndarray]] = [[], [], [], [], [], []]
+    for st in strokes:
+        pts = _thin(st.points, sx, sy, THIN_CELLS * cell)
+        r = max(st.width / 2.0, 0.5 * cell)
+        sigma = max(softness * r, 0.35 * cell)
+        n = len(pts) - 1
+        for col, part in zip(cols, (pts[:-1, 0], pts[:-1, 1], np.diff(pts[:, 0]), np.diff(pts[:, 1]),
+                                    np.full(n, r), np.full(n, sigma))):
+            col.append(part)
+    return tuple(np.concatenate(c) for c in cols)
+
+
+def _pair_excess(px: np.ndarray, py: np.ndarray, g: np.ndarray, table: tuple[np.ndarray, ...]) -> np.ndarray:
+    """(d - r) / sigma of points (px, py) to segments g, pairwise; d = point-segment distance. Overwrites px, py."""
+    ax, ay, abx, aby, inv_len2, rad, inv_sig = table
+    bx, by = abx[g], aby[g]
+    px -= ax[g]
+    py -= ay[g]
+    t = px * bx
+    t += py * by
+    t *= inv_len2[g]
+    np.clip(t, 0.0, 1.0, out=t)
+    px -= t * bx
+    py -= t * by
+    d = np.hypot(px, py, out=px)
+    d -= rad[g]
+    d *= inv_sig[g]
+    return d
+
+
+def _falloff_map(strokes: Sequence[Stroke], h: int, w: int, sx: float, sy: float, cell: float,
+                 softness: float) -> np.ndarray:
+    """max over strokes of each stroke's soft map, on an h x w grid: [h, w] float64.
+
+    A stroke's map is 1 within its radius r of the polyline and exp(-e^2 / 2) beyond, e = (d - r) / sigma;
+    the max over strokes is the map of the smallest e over all their segments. Computed on a quadtree of cell
+    blocks, each with the segments that can still be nearest to one of its cells: a block provably inside a
+    stroke is 1, one beyond E_CUT is 0, one over which the map provably varies by less than MAP_TOLERANCE is
+    interpolated from the exact values at its corners, and the others split in four. The work follows the region
+    boundaries instead of cells x segments, in chunks of PAIR_CHUNK (block, segment) pairs.
+    """
+    out = np.zeros((h, w), dtype=np.float64)
+    ax, ay, abx, aby, rad, sig = _segment_table(strokes, sx, sy, cell, softness)
+    table = (ax, ay, abx, aby, 1.0 / np.maximum(abx * abx + aby * aby, 1e-18), rad, 1.0 / sig)
+    cw, ch = sx / w, sy / h
+    size = 1 << max(0, math.ceil(math.log2(max(h, w))))  # block side (cells) at the root
+    bi = np.zeros(1, dtype=np.int64)  # block row / column of each block of the current level
+    bj = np.zeros(1, dtype=np.int64)
+    pn = np.zeros(len(ax), dtype=np.int64)  # (block, segment) pairs still in play
+    ps = np.arange(len(ax), dtype=np.int64)
+    quad_i, quad_j = np.array([0, 0, 1, 1]), np.array([0, 1, 0, 1])
+    while len(bi):
+        # centre and half-diagonal of each block's cell centres (blocks are clipped to the grid)
+        r0, c0 = bi * size, bj * size
+        r1, c1 = np.minimum(r0 + size, h) - 1, np.minimum(c0 + size, w) - 1
+        cy, cx = (r0 + r1 + 1) * (0.5 * ch), (c0 + c1 + 1) * (0.5 * cw)
+        half = np.hypot((c1 - c0) * (0.5 * cw), (r1 - r0) * (0.5 * ch))
+        e_lo = np.empty(len(pn))
+        e_hi = np.empty(len(pn))
+        for s in range(0, len(pn), PAIR_CHUNK):
+            n, g = pn[s:s + PAIR_CHUNK], ps[s:s + PAIR_CHUNK]
+            e = _pair_excess(cx[n], cy[n], g, table)
+            slack = half[n] * table[6][g]  # half the block's diagonal, in e units
+            np.maximum(e - slack, 0.0, out=e_lo[s:s + PAIR_CHUNK])
+            np.maximum(e + slack, 0.0, out=e_hi[s:s + PAIR_CHUNK])
+        lo = np.full(len(bi), np.inf)
+        np.minimum.at(lo, pn, e_lo)  # no cell of the block has a smaller e
+        hi = np.full(len(bi), np.inf)
+        np.minimum.at(hi, pn, e_hi)  # every cell of the block has an e at most this
+        if size == 1:  # single cells: lo == hi is the exact value
+            live = lo < E_CUT
+            out[bi[live], bj[live]] = np.exp(-0.5 * lo[live] ** 2)
+            break
+        for k in np.flatnonzero(hi == 0):  # wholly inside a stroke
+            out[r0[k]:r1[k] + 1, c0[k]:c1[k] + 1] = 1.0
+        top, bottom = np.exp(-0.5 * lo ** 2), np.exp(-0.5 * np.minimum(hi, E_CUT) ** 2)
+        live = (hi > 0) & (lo < E_CUT)
+        flat = live & (top - bottom <= MAP_TOLERANCE)
+        keep = live[pn] & (e_lo <= hi[pn]) & (e_lo < E_CUT)
+        pn, ps = pn[keep], ps[keep]
+        if flat.any():
+            _fill_flat(out, flat, pn, ps, (r0, r1, c0, c1), (cw, ch), (top, bottom), table)
+            stay = ~flat[pn]
+            pn, ps = pn[stay], ps[stay]
+        # the 2 x 2 children of every open block; pairs follow their block
+        opened = np.flatnonzero(live & ~flat)
+        slot = np.full(len(bi), -1, dtype=np.int64)
+        slot[opened] = np.arange(len(opened))
+        size //= 2
+        kids_i = (bi[opened, None] * 2 + quad_i).reshape(-1)
+        kids_j = (bj[opened, None] * 2 + quad_j).reshape(-1)
+        valid = (kids_i * size < h) & (kids_j * size < w)
+        new_id = np.cumsum(valid) - 1
+        pair_kids = (slot[pn][:, None] * 4 + np.arange(4)).reshape(-1)
+        ok = valid[pair_kids]
+        pn, ps = new_id[pair_kids[ok]], np.repeat(ps, 4)[ok]
+        bi, bj = kids_i[valid], kids_j[valid]
+    return out
+
+
+def _fill_flat(out: np.ndarray, flat: np.ndarray, pn: np.ndarray, ps: np.ndarray, box: tuple[np.ndarray, ...],
+               cell: tuple[float, float], bounds: tuple[np.ndarray, np.ndarray], table: tuple[np.ndarray, ...]) -> None:
+    """Fill each ``flat`` block bilinearly from the exact e at its four corner cells, clamped to its bounds."""
+    r0, r1, c0, c1 = box
+    cw, ch = cell
+    top, bottom = bounds
+    sel = flat[pn]
+    fn, fs = pn[sel], ps[sel]
+    corner_e = np.full((len(flat), 4), np.inf)
+    for k, (rr, cc) in enumerate(((r0, c0), (r0, c1), (r1, c0), (r1, c1))):
+        for s in range(0, len(fn), PAIR_CHUNK):
+            n, g = fn[s:s + PAIR_CHUNK], fs[s:s + PAIR_CHUNK]
+            e = _pair_excess((cc[n] + 0.5) * cw, (rr[n] + 0.5) * ch, g, table)
+            np.minimum.at(corner_e[:, k], n, np.maximum(e, 0.0))
+    for b in np.flatnonzero(flat):
+        e00, e01, e10, e11 = corner_e[b]
+        u = np.linspace(0.0, 1.0, c1[b] - c0[b] + 1)
+        v = np.linspace(0.0, 1.0, r1[b] - r0[b] + 1)[:, None]
+        e = (e00 * (1 - u) + e01 * u) * (1 - v) + (e10 * (1 - u) + e11 * u) * v
+        out[r0[b]:r1[b] + 1, c0[b]:c1[b] + 1] = np.clip(np.exp(-0.5 * e * e), bottom[b], top[b])
+
+
+def _map_grid(h: int, w: int) -> tuple[int, int]:
+    """The grid a region map is computed on: h x w, or the same shape shrunk to MAX_MAP_SIDE."""
+    scale = min(1.0, MAX_MAP_SIDE / max(h, w))
+    return max(1, round(h * scale)), max(1, round(w * scale))
+
+
+def strokes_map(strokes: Sequence[Stroke], h: int, w: int, aspect: float | None = None,
+                softness: float = 0.5) -> torch.Tensor:
+    """Soft region of several strokes (the max of their maps) on an h x w grid: [h, w] float32 in 0..1.
+
+    Each stroke's map is 1 within half the stroke width of the polyline, then a Gaussian falloff of
     ``softness * half width``. The radius never drops below ~ half a grid cell, so a thin stroke
-    still marks the cells it crosses at coarse attention resolutions.
+    still marks the cells it crosses at coarse attention resolutions. Grids larger than MAX_MAP_SIDE
+    on a side (previews of very large images) are computed at that size and resized (bilinear), which
+    keeps the work bounded whatever the image size.
 
     Args:
-        stroke: the polyline (points as fractions of width / height).
-        h, w: grid size.
-        aspect: image width / height (default w / h).
+        aspect: image width / height (default w / h). Distances are measured in units of the
+            image's shorter side, so a stroke keeps its shape at any aspect ratio.
         softness: falloff length as a fraction of the half width (0 = hard edge).
-    Returns:
-        [h, w] float32 in 0..1.
     """
-    aspect = aspect if aspect is not None else w / h
-    sx, sy = _scale(aspect)
-    g = _grid(h, w, aspect)
-    pts = torch.tensor(stroke.points, dtype=torch.float64) * torch.tensor([sx, sy], dtype=torch.float64)
-    a, b = pts[:-1], pts[1:]  # segments
-    ab = b - a
-    len2 = (ab * ab).sum(1).clamp_min(1e-18)
-    # distance of every grid point to every segment, min over segments
-    t = (((g[:, None, :] - a[None]) * ab[None]).sum(-1) / len2[None]).clamp(0, 1)
-    nearest = a[None] + t[..., None] * ab[None]
-    d = (g[:, None, :] - nearest).norm(dim=-1).min(dim=1).values
-    cell = max(sx / w, sy / h)
-    r = max(stroke.width / 2.0, 0.5 * cell)
-    sigma = max(softness * r, 0.35 * cell)
-    m = torch.where(d <= r, torch.ones_like(d), torch.exp(-0.5 * ((d - r) / sigma) ** 2))
-    return m.reshape(h, w).to(torch.float32)
+    if not strokes:
+        return torch.zeros(h, w, dtype=torch.float32)
+    gh, gw = _map_grid(h, w)
+    sx, sy, cell = _units(gh, gw, aspect if aspect is not None else w / h)
+    m = torch.from_numpy(_falloff_map(strokes, gh, gw, sx, sy, cell, softness)).to(torch.float32)
+    if (gh, gw) != (h, w):
+        m = torch.nn.functional.interpolate(m[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+    return m
+
+
+def stroke_map(stroke: Stroke, h: int, w: int, aspect: float | None = None, softness: float = 0.5) -> torch.Tensor:
+    """Soft region of one stroke on an h x w grid: [h, w] float32 in 0..1 (see ``strokes_map``)."""
+    return strokes_map([stroke], h, w, aspect, softness)
 
 
 def resize_mask(mask: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -76,9 +248,7 @@ def highlight_map(hl: Highlight, h: int, w: int, aspect: float | None = None, so
 
     ``aspect`` and ``softness`` as in stroke_map.
     """
-    out = torch.zeros(h, w, dtype=torch.float32)
-    for s in hl.strokes:
-        out = torch.maximum(out, stroke_map(s, h, w, aspect, softness))
+    out = strokes_map(hl.strokes, h, w, aspect, softness)
     for m in hl.masks:
         out = torch.maximum(out, resize_mask(m, h, w))
     return out

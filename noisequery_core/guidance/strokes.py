@@ -24,8 +24,13 @@ from ..errors import HighlightError
 
 HIGHLIGHTS_VERSION = 1
 EMPTY_HIGHLIGHTS = json.dumps({"version": HIGHLIGHTS_VERSION, "strokes": []})
+# Limits on the strokes JSON. They bound the region-map work of one guide run to a few seconds whatever the
+# drawing (tests/core/test_highlight.py times the worst shapes found); the widget adds a point every 3 canvas
+# pixels (web/js/highlight_scribble.js), so a stroke across its canvas has about a hundred.
 MAX_STROKES = 256
-MAX_POINTS = 4096
+MAX_POINTS = 2048  # per stroke
+MAX_TOTAL_POINTS = 4096  # over all strokes
+MAX_PHRASES = 32  # different phrases (each is its own region map and attention term)
 # Points may lie a little outside the image (a stroke drawn off the edge of the canvas).
 COORD_SLACK = 0.25
 
@@ -84,6 +89,8 @@ def parse_strokes(text: str | None, where: str = "highlights") -> list[Stroke]:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise HighlightError(f"{where}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}); {fix}") from None
+    except RecursionError:  # nesting deeper than Python's parser goes: a hostile or broken workflow
+        raise HighlightError(f"{where}: the JSON is nested too deeply to be highlights; {fix}") from None
     if not isinstance(data, dict) or not isinstance(data.get("strokes"), list):
         raise HighlightError(f"{where}: expected an object with a 'strokes' list; {fix}")
     version = data.get("version", HIGHLIGHTS_VERSION)
@@ -91,8 +98,10 @@ def parse_strokes(text: str | None, where: str = "highlights") -> list[Stroke]:
         raise HighlightError(f"{where}: strokes format version {version!r} is not supported (this pack reads "
                              f"version {HIGHLIGHTS_VERSION}); update the pack or redraw the strokes")
     if len(data["strokes"]) > MAX_STROKES:
-        raise HighlightError(f"{where}: {len(data['strokes'])} strokes, at most {MAX_STROKES} are allowed; merge or remove some")
+        raise HighlightError(f"{where}: {len(data['strokes'])} strokes, at most {MAX_STROKES} are allowed; merge or "
+                             "remove some")
     out: list[Stroke] = []
+    total = 0
     for i, s in enumerate(data["strokes"]):
         at = f"{where}: stroke {i + 1}"
         if not isinstance(s, dict):
@@ -107,7 +116,13 @@ def parse_strokes(text: str | None, where: str = "highlights") -> list[Stroke]:
         if not isinstance(pts, list) or len(pts) < 2:
             raise HighlightError(f"{at} needs at least 2 points [x, y], got {pts!r:.80}")
         if len(pts) > MAX_POINTS:
-            raise HighlightError(f"{at} has {len(pts)} points, at most {MAX_POINTS}; simplify the stroke")
+            raise HighlightError(f"{at} has {len(pts)} points, at most {MAX_POINTS} per stroke ({MAX_TOTAL_POINTS} in "
+                                 "all) are allowed; simplify or split the stroke")
+        total += len(pts)
+        if total > MAX_TOTAL_POINTS:
+            raise HighlightError(f"{at} brings the strokes to {total} points, more than the {MAX_TOTAL_POINTS} allowed "
+                                 f"in all (at most {MAX_STROKES} strokes of up to {MAX_POINTS} points): remove or "
+                                 "simplify some strokes")
         points = []
         for j, p in enumerate(pts):
             if not isinstance(p, (list, tuple)) or len(p) != 2:
@@ -119,6 +134,10 @@ def parse_strokes(text: str | None, where: str = "highlights") -> list[Stroke]:
             points.append((x, y))
         color = s.get("color")
         out.append(Stroke(phrase.strip(), width, tuple(points), color if isinstance(color, str) else None))
+    phrases = {s.phrase for s in out}
+    if len(phrases) > MAX_PHRASES:
+        raise HighlightError(f"{where}: {len(phrases)} different phrases, at most {MAX_PHRASES} can be placed; give "
+                             "several strokes the same phrase, or remove some")
     return out
 
 

@@ -126,6 +126,6 @@ def build_seeds(
                 except Exception:
                     log.exception("committing the last batch to %s failed", library.path)
                     raise
-        maintain_index(library)
+        maintain_index(library, progress=progress, check_cancel=check_cancel)
     rep.seconds = time.perf_counter() - t0
     return rep

@@ -17,6 +17,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import NoiseQueryError
+from ..imaging import ImageDecodeError, load_image
 from ..search.clip import ClipEmbedder
 from ..search.features import FeatureExtractor, Prepared, feature_set
 from ..search.index import maintain_index
@@ -83,12 +84,6 @@ def scan_folder(folder: Path, report: ImportReport) -> list[tuple[int, Path]]:
     return sorted(found.items())
 
 
-def _load(path: Path) -> Image.Image:
-    with Image.open(path) as im:
-        im.load()
-        return im.convert("RGB")
-
-
 def import_folder(
     images_dir: str | os.PathLike[str],
     library_dir: str | os.PathLike[str],
@@ -137,8 +132,8 @@ def import_folder(
 
             def work(item: tuple[int, Path]) -> Prepared | str:
                 try:
-                    return extractor.prepare(_load(item[1]))
-                except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
+                    return extractor.prepare(load_image(item[1]))  # upright, 8-bit by the file's real range
+                except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError, ImageDecodeError) as exc:
                     return f"unreadable: {exc.__class__.__name__}: {exc}"[:200]
 
             def submit(batch: list[tuple[int, Path]]) -> list[Future[Prepared | str]]:
@@ -180,7 +175,7 @@ def import_folder(
                     for f in futures:
                         f.cancel()
         writer.set_notes(last_import=report.to_json())
-        maintain_index(lib)
+        maintain_index(lib, progress=progress, check_cancel=check_cancel)
     if report.skipped:
         log.warning("import into %s: %s", lib.path, report.summary())
     return report

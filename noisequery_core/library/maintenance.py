@@ -14,7 +14,7 @@ import numpy as np
 
 from ..errors import LibraryError, NoiseQueryError
 from ..search import color, palette
-from ..work import Progress, no_progress
+from ..work import CheckCancel, Progress, never_cancel, no_progress
 from . import safefs
 from .manifest import MANIFEST_NAME, read_manifest
 from .storage import INDEX_DIR, LOCK_NAME, THUMB_MAX_BYTES, THUMBS_DIR, Library, check_compatible, thumbnail_problem
@@ -43,7 +43,8 @@ def _scan_entries(root: Path, rep: VerifyReport) -> list[tuple[str, os.stat_resu
             full = os.path.join(dirpath, name)
             try:
                 st = os.lstat(full)
-            except OSError:
+            except OSError as exc:  # vanished or unreadable while walking: say so rather than skip it silently
+                rep.problems.append(f"{full} cannot be examined ({exc.strerror or exc}); check its permissions.")
                 continue
             rel = os.path.relpath(full, root).replace(os.sep, "/")
             if stat.S_ISLNK(st.st_mode):
@@ -229,13 +230,15 @@ def merge(
     dest: str | os.PathLike[str],
     *,
     progress: Progress = no_progress,
+    check_cancel: CheckCancel = never_cancel,
 ) -> MergeReport:
     """Append every entry of ``sources`` into ``dest`` (created if missing).
 
     All libraries must share generation key and feature set (IncompatibleLibraryError
     otherwise). Seeds already in ``dest`` are skipped and counted as overlapping.
     ``progress`` (noisequery_core.work) counts source entries handled; each chunk is one commit,
-    so an interrupted merge keeps what it committed and a re-run continues.
+    so an interrupted merge keeps what it committed and a re-run continues: ``check_cancel`` is
+    called before each chunk, when every chunk before is committed.
     """
     if not sources:
         raise NoiseQueryError("merge needs at least one source library.")
@@ -260,6 +263,7 @@ def merge(
     with out.writer() as w:
         for lib in libs:
             for start in range(0, lib.count, _CHUNK):
+                check_cancel()
                 stop = min(lib.count, start + _CHUNK)
                 seeds = np.asarray(lib.seeds[start:stop])
                 cols = {n: np.asarray(lib.column(n)[start:stop]) for n in names}
@@ -279,5 +283,5 @@ def merge(
                 progress(done, total, f"merging {lib.path.name}")
         from ..search.index import maintain_index
 
-        maintain_index(out)
+        maintain_index(out, progress=progress, check_cancel=check_cancel)
     return rep

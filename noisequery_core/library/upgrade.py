@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import LibraryError
+from ..imaging import load_image
 from ..search import color
 from ..work import CheckCancel, Progress, never_cancel, no_progress
 from . import safefs
@@ -246,7 +247,10 @@ def _compute(
         tmp, final = _tmp_name(c.name), f"{c.name}.bin"
         st = safefs.check(lib.path, tmp, "file")
         if st is None and done and safefs.check(lib.path, final, "file") is not None:
-            os.replace(lib.path / final, lib.path / tmp)  # killed between the renames of a finished run
+            try:  # killed between the renames of a finished run
+                os.replace(lib.path / final, lib.path / tmp)
+            except OSError as exc:
+                raise safefs.os_error(exc, lib.path / final, "resume the upgrade of") from exc
             st = safefs.check(lib.path, tmp, "file")
         if st is None or st.st_size < done * c.row_bytes:
             done = 0  # the record promises rows the file does not hold: start over
@@ -265,10 +269,8 @@ def _compute(
         def work(src: tuple[Path | int, bool]) -> dict[str, np.ndarray]:
             where, original = src
             try:
-                if isinstance(where, Path):  # an original image (the folder the caller gave)
-                    with Image.open(where) as im:
-                        im.load()
-                        image = im.convert("RGB")
+                if isinstance(where, Path):  # an original image (the folder the caller gave), decoded as seen
+                    image = load_image(where)
                 else:
                     data = lib.read_thumbnail_bytes(where)
                     if data is None:

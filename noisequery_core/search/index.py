@@ -29,7 +29,7 @@ from ..errors import LibraryError, MissingDependencyError, QueryError
 from ..library import safefs
 from ..library.manifest import atomic_write_bytes, parse_json
 from ..library.storage import Library
-from ..work import Progress, no_progress
+from ..work import CheckCancel, Progress, never_cancel, no_progress
 
 log = logging.getLogger("noisequery")
 
@@ -192,10 +192,13 @@ def _choose_params(n: int, dim: int) -> tuple[int, int]:
     return nlist, max(1, m)
 
 
-def build_index(library: Library, *, progress: Progress = no_progress) -> tuple[Any, IndexInfo]:
+def build_index(library: Library, *, progress: Progress = no_progress,
+                check_cancel: CheckCancel = never_cancel) -> tuple[Any, IndexInfo]:
     """Train an IVF-PQ index on the library's embeddings, add all rows and tune nprobe.
 
-    ``progress`` (noisequery_core.work) counts rows added to the index, after training on a sample.
+    ``progress`` (noisequery_core.work) counts rows added to the index, after training on a sample;
+    ``check_cancel`` is called before training and between chunks of rows. The index is derived data:
+    stopping loses nothing committed (searches stay exact or catch up, the next writer rebuilds).
     Raises LibraryError for a library with fewer than IVF_MIN_ROWS entries (too few to train).
     """
     faiss = _faiss()
@@ -213,15 +216,18 @@ def build_index(library: Library, *, progress: Progress = no_progress) -> tuple[
     index.cp.niter = 10
     log.info("training IVF%d,PQ%d on %d of %d vectors", nlist, m, ntrain, n)
     progress(0, n, f"training the index on {ntrain} vectors")
+    check_cancel()
     index.train(xt)
-    _add_rows(index, emb, 0, n, progress)
+    _add_rows(index, emb, 0, n, progress, check_cancel)
     nprobe, recall = _tune_nprobe(index, emb, rng)
     info = IndexInfo("ivfpq", nlist, m, nprobe, n, n, library.features.clip.describe() if library.features.clip else "", recall)
     return index, info
 
 
-def _add_rows(index: Any, emb: np.ndarray, start: int, stop: int, progress: Progress = no_progress) -> None:
+def _add_rows(index: Any, emb: np.ndarray, start: int, stop: int, progress: Progress = no_progress,
+              check_cancel: CheckCancel = never_cancel) -> None:
     for s in range(start, stop, _CHUNK):
+        check_cancel()
         e = min(stop, s + _CHUNK)
         index.add_with_ids(_f32(emb[s:e]), np.arange(s, e, dtype=np.int64))
         progress(e - start, stop - start, "adding rows to the index")
@@ -398,32 +404,35 @@ def save_index(library: Library, index: Any, info: IndexInfo) -> None:
     atomic_write_bytes(finfo, json.dumps(meta, indent=2).encode())
 
 
-def ensure_index(library: Library, *, persist: bool, progress: Progress = no_progress) -> tuple[Any, IndexInfo]:
+def ensure_index(library: Library, *, persist: bool, progress: Progress = no_progress,
+                 check_cancel: CheckCancel = never_cancel) -> tuple[Any, IndexInfo]:
     """The library's IVF-PQ index, brought up to date with its committed rows.
 
     Rows appended since the index was saved are added; an index trained on far fewer rows
     than the library now holds (< 1/4) is rebuilt. With ``persist`` the result is saved
     atomically (writers do this after committing; readers catch up in memory only).
-    ``progress`` (noisequery_core.work) counts rows added, when there are any.
+    ``progress`` / ``check_cancel`` (noisequery_core.work): rows added, when there are any; a stop
+    leaves the saved index as it was.
     """
     got = load_index(library)
     n = library.count
     if got is not None and got[1].trained_on * 4 >= n:
         index, info = got
         if info.ntotal < n:
-            _add_rows(index, library.column("clip"), info.ntotal, n, progress)
+            _add_rows(index, library.column("clip"), info.ntotal, n, progress, check_cancel)
             info = IndexInfo(**{**info.to_json(), "ntotal": n})
             if persist:
                 save_index(library, index, info)
         return index, info
-    index, info = build_index(library, progress=progress)
+    index, info = build_index(library, progress=progress, check_cancel=check_cancel)
     if persist:
         save_index(library, index, info)
     return index, info
 
 
-def maintain_index(library: Library, *, exact_max: int = EXACT_MAX, progress: Progress = no_progress) -> IndexInfo | None:
+def maintain_index(library: Library, *, exact_max: int = EXACT_MAX, progress: Progress = no_progress,
+                   check_cancel: CheckCancel = never_cancel) -> IndexInfo | None:
     """Bring the persisted index in step with the committed rows (call with the writer lock held)."""
     if not library.has_clip or library.count <= exact_max or library.count < IVF_MIN_ROWS:
         return None
-    return ensure_index(library, persist=True, progress=progress)[1]
+    return ensure_index(library, persist=True, progress=progress, check_cancel=check_cancel)[1]

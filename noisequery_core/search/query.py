@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from ..checks import finite
 from ..errors import QueryError
 from ..library.storage import Library
 from . import color
@@ -54,6 +55,9 @@ class StatTarget:
     hi: float | None = None
     weight: float = 1.0
 
+    def __post_init__(self) -> None:
+        _finite_numbers(self, f"{self.name} ", ("target", "lo", "hi", "weight"))
+
 
 @dataclass(frozen=True)
 class RegionTarget:
@@ -63,6 +67,9 @@ class RegionTarget:
     color: str | None = None
     lightness: float | None = None
     weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        _finite_numbers(self, f"region {self.region} ", ("lightness", "weight"))
 
 
 @dataclass(frozen=True)
@@ -84,6 +91,11 @@ class Query:
     top_k: int = 10
     diversity: float = 0.0  # 0 = pure ranking; up to 1 = strongest MMR de-duplication
 
+    def __post_init__(self) -> None:
+        _finite_numbers(self, "query ", ("text_weight", "negative_weight", "image_weight", "layout_weight", "diversity"))
+        for hexcol, w in self.colors:
+            finite(w, f"query colour {hexcol} weight", error=QueryError)
+
     @property
     def has_clip_terms(self) -> bool:
         return bool(self.text.strip() or self.negative_text.strip() or self.image_embedding is not None)
@@ -91,6 +103,14 @@ class Query:
     @property
     def has_color_terms(self) -> bool:
         return bool(self.colors or self.stats or self.regions or self.layout is not None)
+
+
+def _finite_numbers(obj: Any, prefix: str, names: Sequence[str]) -> None:
+    """Refuse NaN/inf in a query part: they pass every range check and turn scores into NaN (rows in file order)."""
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None:
+            finite(value, f"{prefix}{name}", error=QueryError)
 
 
 @dataclass

@@ -58,6 +58,12 @@ def test_import_info_search_verify_merge(folder: Path, tmp_path: Path) -> None:
         (["search", "--library", "{tmp}/missing", "--color", "#fff"], "does not exist"),
         (["search", "--library", "{lib}", "--text", "a cat"], "has no CLIP features"),
         (["search", "--library", "{lib}", "--brightness", "bright"], "not a number or a range"),
+        # NaN passes every range test and would score every row NaN (hits in file order)
+        (["search", "--library", "{lib}", "--brightness", "0.5@nan"], "brightness weight is NaN"),
+        (["search", "--library", "{lib}", "--brightness", "nan"], "brightness target is NaN"),
+        (["search", "--library", "{lib}", "--contrast", "0.1:inf"], "contrast hi is +infinity"),
+        (["search", "--library", "{lib}", "--color", "#FF8800@-inf"], "colour #FF8800 weight is -infinity"),
+        (["search", "--library", "{lib}", "--region", "top=nan"], "region top lightness is NaN"),
         (["search", "--library", "{lib}", "--region", "middle=#fff"], "Unknown region"),
         (["import", "{tmp}/nope", "--library", "{lib}", "--clip-model", "none"], "does not exist"),
         (["import", "{folder}", "--library", "{tmp}/x", "--clip-model", "ViT-B-32", "--clip-pretrained", "openai", "--offline", "--clip-cache", "{tmp}/cache"], "save them as"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -118,3 +119,45 @@ def test_half_precision_tokens_keep_their_dtype() -> None:
     h = History.parse("", 3)
     out = variant_tokens(h, candidates(h, 2, 0.2, 0.1), tokens)
     assert out.dtype == torch.float16 and out.shape == (2, 77, 64) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize(("pick", "words"), [
+    ('{"index": 0, "seed": 4, "strength": NaN}', "pick 0 strength is NaN"),
+    ('{"index": 0, "seed": 4, "strength": Infinity}', "pick 0 strength is +infinity"),
+    ('{"index": 0, "seed": 4, "strength": 1.5}', "pick 0 strength is 1.5, above the maximum 1"),
+    ('{"index": 0, "seed": 4, "strength": 0.2, "cond_strength": -Infinity}', "pick 0 cond_strength is -infinity"),
+    ('{"index": 0, "seed": 4, "strength": 0.2, "cond_strength": NaN}', "pick 0 cond_strength is NaN"),
+])
+def test_non_finite_history_numbers_are_refused(pick: str, words: str) -> None:
+    """NaN is valid JSON for Python clients and passes every range test; such a pick renders black."""
+    text = f'{{"format": "noisequery.explore", "version": 1, "start_seed": 1, "picks": [{pick}]}}'
+    with pytest.raises(HistoryError, match=re.escape(words)) as info:
+        History.parse(text, 1)
+    assert "clear the history" in str(info.value)
+
+
+@pytest.mark.parametrize(("strength", "cond_strength"), [(math.nan, 0.0), (0.3, math.inf), (-0.1, 0.0), (0.3, 2.5)])
+def test_non_finite_strengths_never_reach_a_pick(strength: float, cond_strength: float) -> None:
+    h = History.parse("", 7)
+    with pytest.raises(HistoryError, match="variation (cond_)?strength"):
+        candidates(h, 3, strength, cond_strength)
+    # the history a pick would be written back into stays parseable JSON without NaN
+    ok = h.with_pick(candidates(h, 3, 0.3, 0.1)[1])
+    assert "NaN" not in ok.to_json() and History.parse(ok.to_json(), 7) == ok
+
+
+def _history(start_seed: str, picks: str = "[]") -> str:
+    return ('{"format": "noisequery.explore", "version": ' + str(HISTORY_VERSION)
+            + ', "start_seed": ' + start_seed + ', "picks": ' + picks + "}")
+
+
+@pytest.mark.parametrize("doc", [
+    "[" * 200_000,  # deeper than Python's JSON parser goes
+    _history("Infinity"),
+    _history("5", '[{"index": 0, "seed": 1e30, "strength": 0.3}]'),
+    _history("5", '[{"index": 0.5, "seed": 3, "strength": 0.3}]'),
+    _history("-1"),
+])
+def test_hostile_history_is_refused_with_a_sentence(doc: str) -> None:
+    with pytest.raises(HistoryError, match="clear the history"):
+        History.parse(doc, 5)

@@ -3,23 +3,32 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import pytest
 import torch
 
 from noisequery_core.errors import HighlightError
 from noisequery_core.guidance.attention import attention_bias, phrase_attention_mass
+from noisequery_core.guidance.preview import PREVIEW_MAX_SIDE, preview_shape
 from noisequery_core.guidance.refocus import refocus_loss
 from noisequery_core.guidance.regions import (
+    MAP_TOLERANCE,
+    MAX_MAP_SIDE,
     highlight_map,
     level_shape,
     map_centroid_and_area,
     principal_axis_degrees,
     stroke_map,
+    strokes_map,
 )
 from noisequery_core.guidance.schedule import guidance_weight
 from noisequery_core.guidance.strokes import (
     EMPTY_HIGHLIGHTS,
+    MAX_PHRASES,
+    MAX_POINTS,
+    MAX_STROKES,
+    MAX_TOTAL_POINTS,
     Highlight,
     Stroke,
     check_masks,
@@ -204,3 +213,117 @@ def test_strokes_json_is_what_the_widget_writes():
                                                    "color": "#e6194b"}]})
     (s,) = parse_strokes(text)
     assert s.phrase == "a cat" and s.color == "#e6194b" and s.points == ((0.1, 0.2), (0.3, 0.4))
+
+
+# ------------------------------------------------------------------ limits and the cost of region maps
+
+
+def _zigzag(n: int, phrase: str, cx: float = 0.5, cy: float = 0.5, size: float = 0.4, width: float = 0.05) -> dict:
+    """A dense back-and-forth stroke: many segments close together, the costly shape for region maps."""
+    return {"phrase": phrase, "width": width,
+            "points": [[cx + size * (i / n - 0.5), cy + size / 2 * (-1) ** i] for i in range(n)]}
+
+
+def _strokes_json(strokes: list[dict]) -> str:
+    return json.dumps({"version": 1, "strokes": strokes})
+
+
+@pytest.mark.parametrize(("strokes", "words"), [
+    ([_zigzag(MAX_POINTS + 1, "a")], f"at most {MAX_POINTS} per stroke ({MAX_TOTAL_POINTS} in all)"),
+    ([_zigzag(MAX_POINTS, "a"), _zigzag(MAX_POINTS, "b"), _zigzag(2, "c")],
+     f"stroke 3 brings the strokes to {2 * MAX_POINTS + 2} points, more than the {MAX_TOTAL_POINTS} allowed"),
+    ([_zigzag(2, f"p{i}") for i in range(MAX_PHRASES + 1)], f"{MAX_PHRASES + 1} different phrases, at most {MAX_PHRASES}"),
+    ([_zigzag(2, "a")] * (MAX_STROKES + 1), f"at most {MAX_STROKES} are allowed"),
+])
+def test_stroke_limits_are_refused_naming_them(strokes: list[dict], words: str) -> None:
+    with pytest.raises(HighlightError) as err:
+        parse_strokes(_strokes_json(strokes))
+    assert words in str(err.value), str(err.value)
+    # the largest accepted drawing parses
+    assert len(parse_strokes(_strokes_json([_zigzag(MAX_POINTS, "a"), _zigzag(MAX_POINTS, "b")]))) == 2
+
+
+def _brute_force_map(strokes: list[Stroke], h: int, w: int, aspect: float, softness: float) -> torch.Tensor:
+    """The definition of a region map, cell by cell and segment by segment (slow; small grids only)."""
+    sx, sy = (aspect, 1.0) if aspect >= 1 else (1.0, 1.0 / aspect)
+    cell = max(sx / w, sy / h)
+    out = torch.zeros(h, w, dtype=torch.float64)
+    for i in range(h):
+        for j in range(w):
+            p = torch.tensor([(j + 0.5) / w * sx, (i + 0.5) / h * sy], dtype=torch.float64)
+            for s in strokes:
+                pts = torch.tensor(s.points, dtype=torch.float64) * torch.tensor([sx, sy], dtype=torch.float64)
+                a, ab = pts[:-1], pts[1:] - pts[:-1]
+                t = (((p - a) * ab).sum(1) / (ab * ab).sum(1).clamp_min(1e-18)).clamp(0, 1)
+                d = float((p - a - t[:, None] * ab).norm(dim=1).min())
+                r = max(s.width / 2, 0.5 * cell)
+                sigma = max(softness * r, 0.35 * cell)
+                out[i, j] = max(float(out[i, j]), 1.0 if d <= r else math.exp(-0.5 * ((d - r) / sigma) ** 2))
+    return out.float()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_region_maps_match_their_definition(seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    h, w = (int(v) for v in torch.randint(3, 40, (2,), generator=g))
+    aspect = float(torch.rand((), generator=g)) * 2.5 + 0.4
+    softness = [0.0, 0.5, 3.0][seed % 3]
+    strokes = [Stroke("a", float(torch.rand((), generator=g)) * 0.3 + 0.002,
+                      tuple((float(x), float(y)) for x, y in torch.rand(int(torch.randint(2, 25, (), generator=g)), 2,
+                                                                         generator=g) * 1.3 - 0.15))
+               for _ in range(3)]
+    got = strokes_map(strokes, h, w, aspect, softness)
+    want = _brute_force_map(strokes, h, w, aspect, softness)
+    assert got.shape == (h, w) and got.dtype == torch.float32
+    assert float((got - want).abs().max()) <= MAP_TOLERANCE, float((got - want).abs().max())
+    assert bool(((want == 1) == (got == 1)).all())  # inside a stroke is exactly 1
+
+
+def test_dense_points_on_a_coarse_grid_give_the_simple_strokes_map() -> None:
+    dense = Stroke("a", 0.05, tuple((0.1 + 0.8 * i / (MAX_POINTS - 1), 0.5) for i in range(MAX_POINTS)))
+    simple = Stroke("a", 0.05, ((0.1, 0.5), (0.9, 0.5)))
+    for n in (8, 32):
+        assert float((stroke_map(dense, n, n) - stroke_map(simple, n, n)).abs().max()) <= MAP_TOLERANCE
+
+
+def test_huge_grids_are_resized_from_a_bounded_one() -> None:
+    """A preview of a 16384 px image asks for 4096 x 4096 cells: computed at MAX_MAP_SIDE and resized."""
+    s = Stroke("a", 0.1, ((0.2, 0.3), (0.8, 0.6)))
+    t = time.process_time()
+    big = stroke_map(s, 4096, 2048, 0.5)
+    assert time.process_time() - t < 10.0 and big.shape == (4096, 2048)
+    small = stroke_map(s, MAX_MAP_SIDE, MAX_MAP_SIDE // 2, 0.5)
+    pooled = torch.nn.functional.adaptive_avg_pool2d(big[None, None], small.shape)[0, 0]
+    assert float((pooled - small).abs().mean()) < 0.01
+    assert preview_shape(16384, 8192) == (PREVIEW_MAX_SIDE // 2, PREVIEW_MAX_SIDE)
+    assert preview_shape(512, 512) == (128, 128)
+
+
+# The costliest accepted drawing found: the point budget spread over 32 phrases as dense zigzags with very soft
+# edges (two 2048-point zigzags cost about half as much). The test computes every map one guide run needs for a
+# 1024 x 1024 SD1.5 image (attention levels 128/64/32, GLIGEN boxes, the 64 x 64 report map, the preview): about
+# 3.5 s of CPU on the 2-core CI machine. The former all-pairs maps took 88 s and 13 GB for one 4096-point stroke.
+WORST_DRAWINGS = {
+    "32 phrases": [_zigzag(MAX_TOTAL_POINTS // 32, f"p{i}", 0.1 + 0.13 * (i % 8), 0.15 + 0.23 * (i // 8), 0.1)
+                   for i in range(32)],
+}
+
+
+@pytest.mark.parametrize("name", list(WORST_DRAWINGS))
+def test_worst_accepted_drawing_maps_in_seconds(name: str) -> None:
+    groups = group_highlights(parse_strokes(_strokes_json(WORST_DRAWINGS[name])))
+    sizes = [(128, 128), (64, 64), (32, 32), (128, 128), (64, 64), preview_shape(1024, 1024)]
+    t = time.process_time()
+    for h, w in sizes:
+        for hl in groups:
+            m = highlight_map(hl, h, w, 1.0, 3.0)
+            assert m.shape == (h, w) and bool(torch.isfinite(m).all())
+    took = time.process_time() - t
+    assert took < 15.0, f"{name}: {took:.1f} s of CPU"
+
+
+def test_deeply_nested_highlights_json_is_refused_with_a_sentence() -> None:
+    from noisequery_core.guidance.strokes import parse_strokes
+
+    with pytest.raises(HighlightError, match="nested too deeply"):
+        parse_strokes("[" * 200_000)

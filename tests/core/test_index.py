@@ -112,3 +112,26 @@ def test_default_threshold_keeps_small_libraries_exact(big_library: Library) -> 
     assert ClipSearcher(lib).mode == "exact"
     assert ClipSearcher(lib, exact_max=lib.count).mode == "exact"
     assert ClipSearcher(lib, exact_max=lib.count - 1).mode == "ivfpq"
+
+
+def test_index_build_honours_check_cancel_and_keeps_rows(big_library: Library) -> None:
+    """The long-work contract reaches index building: a stop saves no index and loses no committed row."""
+    from noisequery_core.errors import Cancelled
+
+    lib = big_library
+    calls = {"n": 0}
+
+    def stop_on_second() -> None:  # call 1: before training; call 2: before the first chunk of rows
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise Cancelled("stop")
+
+    count = lib.count
+    with lib.writer():
+        with pytest.raises(Cancelled):
+            maintain_index(lib, exact_max=1000, check_cancel=stop_on_second)
+    assert calls["n"] == 2
+    assert load_index(Library.open(lib.path)) is None  # nothing half-built was saved
+    assert Library.open(lib.path).count == count
+    with lib.writer():
+        assert maintain_index(lib, exact_max=1000) is not None  # a re-run builds it

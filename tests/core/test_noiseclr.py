@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -261,3 +262,30 @@ def test_checkpoint_names_never_collide_with_directions_names(tmp_path: Path) ->
 def test_directions_names_that_cannot_be_files_are_refused(name: str, words: str) -> None:
     with pytest.raises(NoiseCLRError, match=words):
         check_directions_name(name)
+
+
+@pytest.mark.parametrize(("tensor", "value", "words"), [
+    ("directions", float("nan"), "'directions' holds NaN or infinite values"),
+    ("empty", float("inf"), "'empty' holds NaN or infinite values"),
+    ("directions", 1e30, "'directions' holds values up to 1e+30"),
+])
+def test_directions_with_non_finite_or_absurd_values_are_refused(tmp_path: Path, tensor: str, value: float,
+                                                                 words: str) -> None:
+    """Such a file samples black images; it is refused when loaded, naming the tensor."""
+    d = Directions(directions=torch.randn(3, 4, D), empty=_empty(), settings=SETTINGS)
+    getattr(d, tensor).view(-1)[5] = value
+    path = save_directions(tmp_path / "bad.safetensors", d)
+    with pytest.raises(NoiseCLRError, match=re.escape(words)) as info:
+        load_directions(path)
+    assert str(path) in str(info.value) and "damaged" in str(info.value)
+
+
+@pytest.mark.parametrize(("setting", "value"), [("learning_rate", float("nan")), ("temperature", float("inf")),
+                                                ("init_noise", float("-inf"))])
+def test_non_finite_settings_are_refused(tmp_path: Path, setting: str, value: float) -> None:
+    d = Directions(directions=torch.randn(3, 4, D), empty=_empty(), settings=dataclasses.replace(SETTINGS, **{setting: value}))
+    path = save_directions(tmp_path / "bad.safetensors", d)
+    with pytest.raises(NoiseCLRError, match=f"setting {setting} is"):
+        load_directions(path)
+    with pytest.raises(NoiseCLRError, match=f"{setting} is"):
+        dataclasses.replace(SETTINGS, **{setting: value}).validate()

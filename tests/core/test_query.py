@@ -179,3 +179,30 @@ def test_searcher_sees_new_entries(colour_library: Library) -> None:
         w.append([9999], cols, thumbs)
     after = s.search(Query(colors=(("#00FFFF", 1),), top_k=1))[0]
     assert before.seed != 9999 and after.seed == 9999
+
+
+@pytest.mark.parametrize("make", [
+    lambda: Query(text="a", text_weight=float("nan")),
+    lambda: Query(negative_text="a", negative_weight=float("inf")),
+    lambda: Query(colors=(("#FF8800", float("nan")),)),
+    lambda: Query(diversity=float("nan")),
+    lambda: Query(layout_weight=float("-inf")),
+    lambda: StatTarget("brightness", target=0.5, weight=float("nan")),
+    lambda: StatTarget("brightness", lo=float("nan"), hi=0.5),
+    lambda: RegionTarget("top", lightness=float("nan")),
+    lambda: RegionTarget("top", color="#FFFFFF", weight=float("inf")),
+])
+def test_non_finite_query_numbers_are_refused(make) -> None:
+    """A NaN weight makes every score NaN, and the hits come back in file order as if ranked."""
+    with pytest.raises(QueryError, match="NaN|infinity"):
+        make()
+
+
+def test_nan_stat_argument_is_refused() -> None:
+    from noisequery_core.search.query import parse_stat_arg
+
+    with pytest.raises(QueryError, match="brightness target is NaN"):
+        parse_stat_arg("brightness", "nan")
+    with pytest.raises(QueryError, match="brightness weight is NaN"):
+        parse_stat_arg("brightness", "0.5", float("nan"))
+    assert parse_stat_arg("brightness", "0.2:0.4", 2.0) == StatTarget("brightness", lo=0.2, hi=0.4, weight=2.0)

@@ -84,3 +84,14 @@ def test_bad_aesthetic_files_say_what(tmp_path: Path) -> None:
         AestheticHead.load(tmp_path / "y.safetensors")
     with pytest.raises(ModelError, match="does not exist"):
         AestheticHead.load(tmp_path / "missing.safetensors")
+
+
+@pytest.mark.parametrize("sd", [
+    {"weight": torch.tensor([[float("nan"), 0.0, 0.0, 0.0]])},
+    {"weight": torch.tensor([[float("inf"), 0.0, 0.0, 0.0]])},
+    {"weight": torch.zeros(1, 4, dtype=torch.int64)},
+    {"weight": torch.zeros(1, 4), "bias": torch.zeros(3)},
+])
+def test_aesthetic_file_that_is_not_a_finite_head_is_refused(sd: dict) -> None:
+    with pytest.raises(ModelError, match="aesthetic model x"):
+        AestheticHead.from_state_dict(sd, "x")

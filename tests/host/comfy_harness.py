@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType, TracebackType
-from typing import Any, Self
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -664,7 +664,7 @@ class ComfyServer:
         self._session: Any = None
 
     # ---- lifecycle ----
-    def __enter__(self) -> Self:
+    def __enter__(self) -> ComfyServer:
         self.start()
         return self
 

@@ -138,12 +138,12 @@ def frontend(request: pytest.FixtureRequest) -> comfy_harness.Frontend:
     return comfy_harness.Frontend("newest", root, comfy_harness.frontend_version(root))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def frontend_server(frontend: comfy_harness.Frontend, request: pytest.FixtureRequest, comfy_path: Path,
                     tiny_checkpoint: Path, comfy_packs: dict[str, Path], nq_clip_dir: Path,
                     tmp_path_factory: pytest.TempPathFactory) -> Iterator[comfy_harness.ComfyServer]:
     """A headless ComfyUI serving `frontend`: the session's comfy_server for "pinned"; for "newest" a second server
-    like it (own noise_libraries/noiseclr folders) started with --front-end-root, stopped when the param changes."""
+    like it (own noise_libraries/noiseclr folders) started with --front-end-root, stopped after the module."""
     if frontend.root is None:
         yield request.getfixturevalue("comfy_server")
         return

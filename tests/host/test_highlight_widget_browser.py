@@ -4,7 +4,7 @@ Headless Chromium (Debian's /usr/bin/chromium driven by the PyPI `playwright` pa
 downloaded) opens the page of the session's headless ComfyUI (`comfy_server`, this repo loaded as the NoiseQuery
 pack), adds the node, picks a phrase and drags strokes on the node's canvas with the mouse, then reads what the
 frontend would queue (`app.graphToPrompt().output`): the node's `highlights` input must hold the strokes JSON
-that noisequery_core/highlight.py parses, with points that follow the drag. Also: the phrase list following the
+that noisequery_core/guidance/strokes.py parses, with points that follow the drag. Also: the phrase list following the
 prompt, custom phrases, undo and clear, save and reload of the workflow, the canvas following the width/height
 inputs, a drawing gesture moving neither the view nor the node, the same in the Nodes 2.0 (Vue) renderer, and a
 run through the page's Run button with a `background` IMAGE that the widget then draws under the strokes.
@@ -485,9 +485,10 @@ def test_run_with_background(page: Any, node_id: int, frontend_server: ComfyServ
     page.wait_for_function("() => { app.canvas.setDirty(true, true); const [r, g, b] = __nqh.pixel(8, 0.9, 0.1);"
                            " return r > 200 && g < 60 && b < 60; }", timeout=15_000)
     # the node's run summary (ui.text) is shown on the widget
+    assert "a cat" in str(ui.get("text", [""])[0]), f"node 8 ui has no run summary: {str(ui)[:300]}"
     info = _root(page, 8).locator(".nq-hl-info")
-    if "text" in ui:
-        assert "a cat" in info.inner_text(), info.inner_text()
+    page.wait_for_function("() => document.querySelectorAll('.nq-hl-info').length > 0", timeout=15_000)
+    assert "a cat" in info.inner_text(), info.inner_text()
     _save_artifact(page, 8, tmp_path, "highlight_widget_after_run")
     _no_problems(page)
 
