@@ -217,6 +217,22 @@ def cmd_upgrade(args: argparse.Namespace) -> Any:
     return rep.to_json() if args.json else rep.summary()
 
 
+def cmd_export(args: argparse.Namespace) -> Any:
+    from .library.export import export_library
+    from .library.storage import Library
+
+    lib = Library.open(args.library)
+    to_stdout = args.out in (None, "-")
+    with BarProgress("export", not args.quiet and not to_stdout, "row") as progress:
+        rows = export_library(lib, sys.stdout if to_stdout else args.out, args.format, clip_npy=args.clip_npy,
+                              progress=progress)
+    if to_stdout:
+        return None
+    summary = {"rows": rows, "out": args.out, "format": args.format, "clip_npy": args.clip_npy}
+    return summary if args.json else f"exported {rows} rows of {lib.path} to {args.out}" + (
+        f" (CLIP embeddings in {args.clip_npy})" if args.clip_npy else "")
+
+
 def cmd_demo(args: argparse.Namespace) -> Any:
     from .demo import run_demo
 
@@ -307,6 +323,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="decoding threads")
     p.set_defaults(func=cmd_upgrade)
 
+    p = sub.add_parser("export", help="every entry as a table (seed, statistics, dominant colours): csv, jsonl or parquet")
+    common(p)
+    p.add_argument("--format", choices=["csv", "jsonl", "parquet"], default="csv")
+    p.add_argument("--out", help="output file (default: standard output; parquet needs a file)")
+    p.add_argument("--clip-npy", help="also write the CLIP embeddings as float16 .npy (row i = table row i)")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("demo", help="run the whole pipeline on synthetic seed images (no downloads)")
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
     p.add_argument("--count", type=int, default=300, help="number of synthetic seeds")
@@ -333,5 +356,6 @@ def main(argv: Sequence[str] | None = None, *, out: Callable[[str], None] | None
     except KeyboardInterrupt:
         sys.stderr.write("interrupted: committed work is kept; run the same command again to continue\n")
         return 130
-    emit(json.dumps(result, indent=2, default=str) if args.json else str(result))
+    if result is not None:  # None: the command wrote its own output (export to standard output)
+        emit(json.dumps(result, indent=2, default=str) if args.json else str(result))
     return int(getattr(args, "_exit", 0))

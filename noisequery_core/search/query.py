@@ -232,7 +232,9 @@ class Searcher:
         if not isinstance(query.top_k, (int, np.integer)) or query.top_k < 1:
             raise QueryError(f"top_k must be at least 1 (got {query.top_k!r}).")
         if query.top_k > _MAX_TOP_K:
-            raise QueryError(f"top_k {query.top_k} is larger than the maximum {_MAX_TOP_K}.")
+            raise QueryError(f"top_k {query.top_k} is larger than the maximum {_MAX_TOP_K}. To get every entry with its "
+                             "statistics and colours, use `python -m noisequery_core export --library L` (csv, jsonl or "
+                             "parquet) and sort it yourself.")
         if not 0.0 <= query.diversity <= 1.0:
             raise QueryError(f"diversity must be between 0 and 1 (got {query.diversity}).")
         if not (query.has_clip_terms or query.has_color_terms):
