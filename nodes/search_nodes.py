@@ -180,14 +180,14 @@ class NoiseQueryColor(io.ComfyNode):
             category="NoiseQuery/query",
             description=(
                 "Finds the seeds whose unconditional images have the colours, statistics or layout you ask for: a "
-                "dominant colour, targets for brightness/contrast/saturation/colourfulness/sharpness, a colour or "
+                "colour that covers much of the image, targets for brightness/contrast/saturation/colourfulness/sharpness, a colour or "
                 "lightness in a region, or the colour layout of an example image. Works on colour-only libraries; "
                 "connect its `query` to a Noise Query (Text) node's `also` to combine with text."
             ),
             inputs=[
                 io.Combo.Input("library", options=_host.library_names(), tooltip="A library in models/noise_libraries."),
-                io.String.Input("color", default="#FF8800", tooltip="Dominant colour as #RRGGBB; empty to ignore."),
-                io.Float.Input("color_weight", default=1.0, min=0.0, max=10.0, step=0.1, tooltip="Weight of the dominant colour."),
+                io.String.Input("color", default="#FF8800", tooltip="A colour that should cover much of the image, as #RRGGBB: scored by the share of the image within CIEDE2000 20 of it. Empty to ignore."),
+                io.Float.Input("color_weight", default=1.0, min=0.0, max=10.0, step=0.1, tooltip="Weight of the colour term (in standard deviations, like every term)."),
                 *stat_inputs,
                 io.Float.Input("stats_weight", default=1.0, min=0.0, max=10.0, step=0.1, tooltip="Weight of each statistic target that is not -1."),
                 io.Combo.Input("region", options=["none", *color.REGION_NAMES], default="none", tooltip="A region of the image that should have region_color and/or region_lightness."),
