@@ -11,7 +11,6 @@ memory-mapped columns: memory stays flat at any library size.
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 from collections.abc import Iterator
@@ -158,7 +157,7 @@ def export_library(
     if clip_npy is not None and not library.has_clip:
         raise NoiseQueryError(f"{library.path} was built without CLIP (clip_model 'none'): there are no embeddings "
                               "to export; drop --clip-npy.")
-    if isinstance(out, io.TextIOBase) or hasattr(out, "write"):
+    if hasattr(out, "write"):  # an open text stream (standard output)
         if fmt == "parquet":
             raise NoiseQueryError("Parquet cannot be written to standard output: give --out FILE.parquet.")
         rows = _write_text(library, out, fmt, progress, check_cancel)  # type: ignore[arg-type]
