@@ -182,6 +182,14 @@ def main() -> int:
             c.query({"library": LIBRARY, "colors": [{"color": "#808080"}], "limit": PAGE})
             log(f"warm: first text query (loads ViT-B-32) {res['first_text_query_ms']} ms")
 
+            # the floor: a route whose work is tiny (list one library), same executor hop, same client
+            floor = []
+            for _ in range(args.queries):
+                t0 = time.perf_counter()
+                c.s.get(f"{url}/api/noisequery/libraries", timeout=60).raise_for_status()
+                floor.append((time.perf_counter() - t0) * 1000)
+            res["libraries_route"] = {"http_ms": pctl(floor)}
+            log(f"GET /noisequery/libraries (the HTTP + worker-thread floor): p50 {res['libraries_route']['http_ms']['p50']} ms")
             rng = np.random.default_rng(0)
             kinds: dict[str, list[tuple[float, float]]] = {"colour": [], "text_new": [], "text_repeated": []}
             pages: list[list[str]] = []
@@ -273,6 +281,8 @@ def main() -> int:
     res["pass"]["thumbs_page"] = ok
     lines.append(f"| 48 thumbnails (256 px webp, ~{res['thumbs_page']['bytes_per_thumb_mean'] // 1024} KB), 6 connections "
                  f"| {t['p50']} ms | {t['p95']} ms | – | ≤ {TARGETS_MS['thumbs_page_p50']:g} ms | {'PASS' if ok else 'FAIL'} |")
+    f = res["libraries_route"]["http_ms"]
+    lines.append(f"| GET /noisequery/libraries (floor: HTTP + worker thread) | {f['p50']} ms | {f['p95']} ms | – | – | |")
     lines += ["", "| GET /object_info | p50 | p95 | max |", "|---|---|---|---|"]
     for label, k in (("idle", "object_info_idle"), ("during a query burst (4 clients)", "object_info_query_burst"),
                      ("during BuildNoiseLibrary", "object_info_build")):

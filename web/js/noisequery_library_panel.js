@@ -311,12 +311,15 @@ function useThisQuery(hit) {
   }
   const target = seedTarget();
   const old = app.graph._nodes.filter((n) => n.properties?.[PANEL_PROP]);
-  const anchor = old[0]?.pos ?? (target ? [target.pos[0] - 420, target.pos[1]] : [40, 40]);
+  // new nodes go below everything, the head under the seed's node and the colour nodes to its left
+  const others = app.graph._nodes.filter((n) => !old.includes(n));
+  const bottom = others.length ? Math.max(...others.map((n) => n.pos[1] + n.size[1])) : 0;
+  const anchor = old[0]?.pos ?? [target ? target.pos[0] : 40, bottom + 80];
   const made = plan.map((p, i) => {
     let n = old[i]?.type === p.type ? old[i] : null;
     if (!n) {
       n = LiteGraph.createNode(p.type);
-      n.pos = [anchor[0] - i * 30, anchor[1] + i * 60];
+      n.pos = [anchor[0] - i * 400, anchor[1]];
       app.graph.add(n);
     }
     n.properties = { ...(n.properties ?? {}), [PANEL_PROP]: true };
