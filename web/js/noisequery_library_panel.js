@@ -124,11 +124,14 @@ async function search(offset) {
     const body = await r.json();
     if (seq !== state.seq) return;
     if (!r.ok) { setStatus(body.error ?? `HTTP ${r.status}`, true); if (offset === 0) { state.hits = []; renderHits(true); } return; }
-    state.hits = offset === 0 ? body.hits : state.hits.concat(body.hits);
+    // a deeper search of a large (ANN-indexed) library can reorder the margin: never show a seed twice
+    const shown = new Set(offset === 0 ? [] : state.hits.map((x) => x.seed));
+    const added = body.hits.filter((x) => !shown.has(x.seed));
+    state.hits = offset === 0 ? added : state.hits.concat(added);
     state.hasMore = body.has_more;
     state.offset = offset + body.hits.length;
     state.lastQuery = q;
-    renderHits(offset === 0, body.hits);
+    renderHits(offset === 0, added);
     setStatus(`${state.hits.length}${state.hasMore ? "+" : ""} of ${body.count} entries · ${body.elapsed_ms} ms`);
   } catch (err) {
     if (err?.name !== "AbortError" && seq === state.seq) setStatus(`Search failed: ${err}`, true);
