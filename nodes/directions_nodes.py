@@ -31,6 +31,8 @@ from .directions_runtime import (
     apply_directions,
     directions_files,
     directions_path,
+    empty_prompt_conditioning,
+    family_label,
     gather_images,
     loss_plot,
     output_path,
@@ -213,11 +215,13 @@ class NoiseCLRApplyDirections(io.ComfyNode):
         slots = [(int(slot_values[f"index_{n}"]), float(slot_values[f"scale_{n}"]), float(slot_values[f"start_{n}"]),
                   float(slot_values[f"end_{n}"])) for n in range(1, SLOTS + 1)]
         patched, guidance, lines = apply_directions(model, d, slots)
-        empty_cond = [[d.empty.unsqueeze(0).clone(), {}]]
+        empty_cond = empty_prompt_conditioning(d)
         guider = comfy.samplers.CFGGuider(patched)
         guider.set_conds(positive if positive is not None else empty_cond, negative if negative is not None else empty_cond)
         guider.set_cfg(cfg)
-        report = "\n".join([f"{directions}: {d.count} directions ({d.token_count} tokens each), trained "
+        pooled = f" + pooled {d.pooled_dim}" if d.pooled_dim else ""
+        report = "\n".join([f"{directions}: {d.count} directions ({d.token_count} tokens each{pooled}, "
+                            f"{family_label(d.family)}), trained "
                             f"{d.iterations_done} iterations on {d.data.get('images', '?')} images", *lines])
         return io.NodeOutput(patched, guider, report, ui={"text": [report]})
 
