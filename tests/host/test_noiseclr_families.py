@@ -123,15 +123,15 @@ def test_training_moves_tokens_and_pooled_part_and_leaves_the_model_alone(traine
 
 def _sample(runner: InProcessRunner, fam: FM.TinyFamily, directions: str | None,
             slots: list[tuple[int, float, float, float]]) -> torch.Tensor:
-    """KSampler latent (prompt 'a red fox', the family's cfg; Flux through FluxGuidance), with the model from
-    NoiseCLRApplyDirections when directions is set."""
+    """KSampler latent (prompt 'a red fox', one step at cfg 1: the cheapest sampling that runs the directions; Flux
+    through FluxGuidance), with the model from NoiseCLRApplyDirections when directions is set."""
     spec = fam.spec
     graph = FM.family_base(spec, fam.ckpt_name, positive="a red fox", negative="")
     model = [FM.CKPT, 0]
     if directions is not None:
         graph["30"] = apply_node(directions, slots)
         model = ["30", 0]
-    graph.update(G.ksampler_image("4", 5, steps=2, cfg=spec.cfg, sampler=spec.sampler, scheduler=spec.scheduler,
+    graph.update(G.ksampler_image("4", 5, steps=1, cfg=1.0, sampler=spec.sampler, scheduler=spec.scheduler,
                                   negative=FM.NEG, model=model, size=64))
     _ok(runner.run(graph))
     return runner.node_outputs("41")[0]["samples"].clone()
