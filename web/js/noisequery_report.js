@@ -91,6 +91,23 @@ function showReport(node, text) {
   node.setDirtyCanvas?.(true, true);
 }
 
+/** After a run that returned images (the Build node's built batch), drop the node's live progress preview: the
+ * frontend keeps showing a progress preview in place of the outputs until the node runs again. Through the
+ * frontend's node-output store (1.3x to 1.5x: revokePreviewsByExecutionId; reached through the page's Pinia, which
+ * extensions have no other handle on), else by removing the legacy app.nodePreviewImages entry. */
+function dropProgressPreview(node) {
+  const id = String(node.id);
+  let store;
+  try {
+    store = document.querySelector("#vue-app")?.__vue_app__?.config?.globalProperties?.$pinia?._s?.get("nodeOutput");
+  } catch {
+    store = undefined;
+  }
+  if (typeof store?.revokePreviewsByExecutionId === "function") store.revokePreviewsByExecutionId(id);
+  else if (app.nodePreviewImages?.[id]) delete app.nodePreviewImages[id];
+  node.setDirtyCanvas?.(true, true);
+}
+
 const reportText = (message) => (Array.isArray(message?.text) ? message.text.join("\n") : "");
 
 app.registerExtension({
@@ -129,6 +146,7 @@ app.registerExtension({
       const result = onExecuted?.apply(this, arguments);
       const text = reportText(message);
       if (text && !this.nqOwnReport) showReport(this, text);
+      if (message?.images?.length) dropProgressPreview(this);
       return result;
     };
   },
