@@ -51,6 +51,13 @@ export function whenOutputRestored(node, fn) {
   setTimeout(look, 0);
 }
 
+// Nodes 2.0 (1.5x) lays a node's widgets out in a grid whose DOM-widget rows shrink to fit the node's saved size:
+// there the box keeps its height (the node grows instead). The class is that renderer's; the classic canvas sizes
+// the box itself (getMin/MaxHeight), so the rule never applies there.
+const style = document.createElement("style");
+style.textContent = `.lg-node-widget .nq-report { min-height: ${REPORT_HEIGHT}px; flex: none; }`;
+document.head.append(style);
+
 function reportWidget(node) {
   let widget = node.widgets?.find((w) => w.name === WIDGET);
   if (widget) return widget;
@@ -61,8 +68,8 @@ function reportWidget(node) {
   el.placeholder = "The report appears here after a run.";
   el.title = "What this node reported on its last run (scroll for more; select to copy)";
   Object.assign(el.style, {
-    width: "100%", height: `${REPORT_HEIGHT}px`, minHeight: `${REPORT_HEIGHT}px`, maxHeight: `${REPORT_HEIGHT}px`,
-    boxSizing: "border-box", overflowY: "auto", resize: "none", opacity: "0.85", fontSize: "11px",
+    // the classic canvas sets the box's height from getMin/MaxHeight below; Nodes 2.0 takes this one
+    width: "100%", height: `${REPORT_HEIGHT}px`, boxSizing: "border-box", overflowY: "auto", resize: "none", opacity: "0.85", fontSize: "11px",
     fontFamily: "monospace", whiteSpace: "pre", lineHeight: "1.3",
   });
   // Scrolling the report must scroll it, not zoom the canvas.
