@@ -237,7 +237,11 @@ def main() -> int:
                         timeout=15_000)
                     log(f"tab switch and back: the picker still shows {shown} variants and the history line")
                 except Exception:  # noqa: BLE001
-                    failures.append("tab switch and back: the picker grid or the history line is gone")
+                    now = page.js("() => [document.querySelectorAll('img[data-variant]').length,"
+                                  " document.querySelector('.nq-history-summary')?.textContent ?? null,"
+                                  " Object.keys(app.nodeOutputs ?? {}), app.graph._nodes.length]")
+                    failures.append(f"tab switch and back: the picker grid ({shown} variants before) or the "
+                                    f"history line is gone: [variants, line, stored outputs, nodes] = {now}")
                 page.close()
                 browser.close()
             if not args.no_pictures:

@@ -40,13 +40,14 @@ export function storedOutput(node) {
 }
 
 /** Calls `fn(output)` once the frontend has put back the node's stored outputs (after a load or a tab switch,
- * they are restored just after the graph is configured); tries a few times, then gives up quietly. */
+ * they are restored just after the graph is configured, which on a busy machine takes seconds); looks again for
+ * about 8 s, then gives up quietly (a node that never ran has none). */
 export function whenOutputRestored(node, fn) {
   let tries = 0;
   const look = () => {
     const out = storedOutput(node);
     if (out) { fn(out); return; }
-    if (++tries < 6) setTimeout(look, 100 * tries);
+    if (++tries < 13 && (node.graph || tries < 3)) setTimeout(look, 100 * tries);
   };
   setTimeout(look, 0);
 }
