@@ -366,3 +366,16 @@ def test_build_query_and_tab_switch(page: Any, frontend_server: ComfyServer, tin
     qid = page.evaluate("() => app.graph._nodes.find(n => n.type === 'NoiseQueryText').id")
     page.wait_for_function("([i, t]) => __nqp.reportText(i) === t", arg=[qid, report], timeout=10_000)
     _no_problems(page)
+
+
+def test_every_example_has_its_template_thumbnail(frontend_server: ComfyServer) -> None:
+    """ComfyUI lists the examples for the template browser, which shows <name>.jpg next to each: all are served."""
+    sess = frontend_server._http()
+    listed = sess.get(f"{frontend_server.url}/api/workflow_templates", timeout=30).json()
+    pack = next(k for k, v in listed.items() if "text_query_ksampler" in v)
+    assert sorted(listed[pack]) == sorted(p.stem for p in EXAMPLES), listed[pack]
+    for path in EXAMPLES:
+        r = sess.get(f"{frontend_server.url}/api/workflow_templates/{pack}/{path.stem}.jpg", timeout=30)
+        assert r.status_code == 200, f"{path.stem}.jpg: HTTP {r.status_code}"
+        assert r.content[:3] == b"\xff\xd8\xff", f"{path.stem}.jpg is not a JPEG"
+        assert len(r.content) < 60_000, f"{path.stem}.jpg is {len(r.content)} bytes: keep thumbnails small"
