@@ -21,9 +21,11 @@ Queries are library rows plus a little Gaussian noise, renormalised. Then it tim
 * reference: ``torch.nn.functional.cosine_similarity(q[None], X).topk(10)`` over the full
   float32 torch matrix, and its ``argmax`` variant;
 * recall@10 of ours against exact numpy float32 brute force on the same (fp16-stored) vectors;
-* colour, combined (text + colour) and region queries through the same Searcher;
+* colour, combined (text + colour) and region queries through the same Searcher, and the combined
+  query's top-10 against ``Searcher.search(exact=True)`` (every row scored exactly);
 * resident memory of the opened library in a fresh subprocess;
-* index build time (``maintain_index``) for the sizes above ``index.EXACT_MAX``.
+* index build time (``maintain_index``) for the sizes above ``index.EXACT_MAX``;
+* the load average at the start and end of each case (the machine is shared).
 
 Results are printed as markdown tables (with PASS/FAIL per target) and written as JSON.
 
