@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ import numpy as np
 
 from ..checks import finite
 from ..errors import QueryError
+from ..library.manifest import MANIFEST_NAME
 from ..library.storage import Library
 from . import color
 from .index import ClipSearcher, matvec
@@ -234,6 +236,26 @@ class Searcher:
         self._sample: np.ndarray | None = None
         # (library count, mean [D], covariance [D, D]) of the sample's CLIP embeddings, float64
         self._moments: tuple[int, np.ndarray, np.ndarray] | None = None
+        self._manifest_path = os.path.join(library.path, MANIFEST_NAME)
+        self._manifest_seen: tuple[int, ...] | None = None
+
+    def _refresh(self) -> None:
+        """``library.refresh()`` when the manifest file changed since the last look.
+
+        Re-reading and validating the manifest is a tenth of a text query; an ``lstat`` is not.
+        Every commit replaces the manifest by a rename (a new file), so its inode, size or times
+        change; anything the lstat cannot see (no file, a link) goes to ``refresh``, which says
+        what is wrong.
+        """
+        try:
+            st = os.lstat(self._manifest_path)
+            seen: tuple[int, ...] | None = (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_mode)
+        except OSError:
+            seen = None
+        if seen is None or seen != self._manifest_seen:
+            self._manifest_seen = None
+            self.library.refresh()
+            self._manifest_seen = seen
 
     # -- caches, refreshed when the library grows
     def _columns(self) -> ScanColumns:
@@ -305,7 +327,7 @@ class Searcher:
         a large library; the reference the fast path is checked against.
         """
         lib = self.library
-        lib.refresh()
+        self._refresh()
         n = lib.count
         if n == 0:
             raise QueryError(

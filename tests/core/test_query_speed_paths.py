@@ -219,3 +219,19 @@ def test_exact_topk_many_matches_one_pass_per_query() -> None:
     got = exact_topk_many(x, q, 10)
     for i in range(len(q)):
         assert np.array_equal(got[i], exact_topk(x, q[i], 10)[0])
+
+
+def test_searcher_sees_every_commit_of_another_writer(tmp_path: Path) -> None:
+    """The manifest is re-read only when its file changed: back-to-back commits from another handle are all seen."""
+    lib = make(tmp_path / "lib", 50, 2)
+    s = Searcher(lib)
+    q = Query(stats=(StatTarget("brightness", 1.0),), top_k=1)
+    s.search(q)
+    other = Library.open(lib.path)
+    for i in range(3):
+        extra = varied_rows(1, np.random.default_rng(10 + i))
+        extra["stats"][:] = 1.0  # the brightest entry: the new top hit
+        with other.writer(durable=False) as w:
+            w.append([10_000 + i], extra)
+        assert s.search(q)[0].seed in {10_000 + j for j in range(i + 1)}
+        assert lib.count == 51 + i
