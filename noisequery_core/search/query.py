@@ -468,7 +468,7 @@ class Searcher:
             keep = ~np.isin(shortlist, exclude)
             shortlist, clip_w = shortlist[keep], clip_w[keep]
             ctot[exclude] = -np.inf  # never a candidate
-        floor = float(clip_w[min(want, len(clip_w)) - 1]) - float(offset) if len(clip_w) else -np.inf
+        floor = float(clip_w[min(want, len(clip_w)) - 1]) - float(offset) if len(clip_w) else np.inf  # no bound without one
         cand_parts = [shortlist]
         total_parts = [clip_w - offset + ctot[shortlist]]
         ctot[shortlist] = -np.inf  # scored: out of the running below
