@@ -378,11 +378,15 @@ class Searcher:
             pool_rows, pool_total = cand[top], total[top]
         else:
             # Every row is a candidate: colour-only queries, exact CLIP mode, or exact=True.
-            total = self._color_total(color_scaled) if color_scaled else None
             if every is not None:
                 every -= np.float32(clip_offset)
-                total = every if total is None else total.__iadd__(every)
-            assert total is not None  # the query has a CLIP or a colour term (checked above)
+            if color_scaled:
+                total = self._color_total(color_scaled)
+                if every is not None:
+                    total += every
+            else:
+                assert every is not None  # the query has a CLIP or a colour term (checked above)
+                total = every
             if len(exclude):
                 total[exclude] = -np.inf
             pool_rows = top_indices(total, min(wide, n - len(exclude)))
