@@ -50,7 +50,7 @@ class FamilySpec:
     sampler: str
     scheduler: str
     cfg: float
-    size: int  # test image side in pixels (Flux costs ~3 s per step per 24 tokens on 2 cores)
+    size: int  # test image side in pixels (64: BuildNoiseLibrary's smallest)
     flux_guidance: float | None = None  # FluxGuidance value for the positive conditioning (Flux only)
     loaders: Mapping[str, str] = field(default_factory=dict)  # output -> node class that provides it
 
@@ -58,11 +58,11 @@ class FamilySpec:
 def _spec(family: str) -> FamilySpec:
     loaders = {"MODEL": "CheckpointLoaderSimple", "VAE": "CheckpointLoaderSimple", "CLIP": TINY_CLIP_NODE_ID}
     if family == "sdxl":
-        return FamilySpec("sdxl", "tiny_sdxl.safetensors", "SDXL", 4, 8, "euler", "normal", 2.0, 32, None, loaders)
+        return FamilySpec("sdxl", "tiny_sdxl.safetensors", "SDXL", 4, 8, "euler", "normal", 1.0, 64, None, loaders)
     if family == "sd3":
         return FamilySpec("sd3", "tiny_sd3.safetensors", "SD3", 16, 8, "euler", "simple", 2.0, 64, None, loaders)
     if family == "flux":
-        return FamilySpec("flux", "tiny_flux.safetensors", "Flux", 16, 8, "euler", "simple", 1.0, 32, 3.5, loaders)
+        return FamilySpec("flux", "tiny_flux.safetensors", "Flux", 16, 8, "euler", "simple", 1.0, 64, 3.5, loaders)
     raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
 
 
