@@ -305,3 +305,22 @@ def test_seed_influence_refuses_one_prompt(tiny_sd3: FM.TinyFamily, comfy_nodes:
     entry = comfy_runner.run(g)
     err = comfy_harness.execution_error(entry)
     assert err is not None and "2 to 16" in err.get("exception_message", ""), err
+
+
+def test_sd15_family_key_and_influence(tiny_ckpt_name: str, comfy_nodes: ModuleType,
+                                       comfy_runner: comfy_harness.InProcessRunner, nq_libraries_dir: Path) -> None:
+    """SD1.5 (the session's tiny SD1.5 checkpoint with its own CLIP): the key records SD15:eps and a 4-channel
+    latent, and the seed influence check runs with the checkpoint's CLIP."""
+    from noisequery_core import Library
+
+    g = G.base(tiny_ckpt_name)
+    g["10"] = G.build("families/sd15", seed_start=0, count=1, batch_size=1, steps=1, thumbnail_size=0)
+    g["60"] = {"class_type": "NoiseQuerySeedInfluence", "inputs": {
+        "model": [G.CKPT, 0], "vae": [G.CKPT, 2], "clip": [G.CKPT, 1], "prompts": "a red fox\na blue car",
+        "negative_prompt": "", "seed_start": 0, "seeds": 2, "width": 64, "height": 64, "steps": 1, "cfg": 1.0,
+        "sampler_name": "euler", "scheduler": "normal", "guidance": 3.5}}
+    _run_ok(comfy_runner, g)
+    lib = Library.open(nq_libraries_dir / "families" / "sd15")
+    assert lib.generation.family == "SD15:eps" and lib.generation.latent_shape == (4, 8, 8)
+    report, layout, _, renders = comfy_runner.node_outputs("60")
+    assert "SD15:eps" in report and 0.0 <= layout <= 1.0 and tuple(renders.shape) == (4, 64, 64, 3)

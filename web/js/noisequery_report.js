@@ -4,7 +4,7 @@ import { app } from "../../../scripts/app.js";
 
 const NODES = new Set(["BuildNoiseLibrary", "NoiseQueryText", "NoiseQueryColor", "NoiseQueryLibraryInfo",
   "NoiseQuerySeedSlerp", "NoiseQuerySeedGrid", "NoiseQueryConditioningInterpolate", "NoiseQueryVariations",
-  "NoiseQueryRank"]);
+  "NoiseQueryRank", "NoiseQuerySeedInfluence"]);
 const WIDGET = "noisequery_report";
 
 function showReport(node, text) {
