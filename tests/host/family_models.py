@@ -334,46 +334,48 @@ from __future__ import annotations
 
 import sys
 
+from comfy_api.latest import ComfyExtension, io
+
 if {host_dir!r} not in sys.path:
     sys.path.append({host_dir!r})
 import family_models  # noqa: E402  (tests/host: the same module the tests import, in-process)
 
-comfy_entrypoint = family_models.comfy_entrypoint
+
+class TinyCLIPLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id=family_models.TINY_CLIP_NODE_ID,
+            display_name="NoiseQuery Test Tiny CLIP",
+            category="testing/noisequery",
+            inputs=[io.Combo.Input("family", options=list(family_models.FAMILIES),
+                                   tooltip="Which family's text encoder (tiny random weights).")],
+            outputs=[io.Clip.Output("CLIP")],
+        )
+
+    @classmethod
+    def execute(cls, family: str) -> io.NodeOutput:
+        return io.NodeOutput(family_models.tiny_clip(family))
+
+
+class FamilyExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [TinyCLIPLoader]
+
+
+async def comfy_entrypoint() -> FamilyExtension:
+    return FamilyExtension()
 '''
 
 
 def write_family_pack(directory: PathLike) -> Path:
-    """Create the test-only V3 pack providing NQTestTinyCLIPLoader(family) -> CLIP (loads this module by path)."""
+    """Create the test-only V3 pack providing NQTestTinyCLIPLoader(family) -> CLIP (tiny_clip of this module).
+
+    The node class lives in the pack's own file (outside the repository), so tests that list the repository's
+    nodes do not count it."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     here = Path(__file__).resolve()
     (d / "__init__.py").write_text(
         _FAMILY_PACK_SOURCE.format(host_dir=str(here.parent)), encoding="utf-8")
     return d
-
-
-async def comfy_entrypoint() -> Any:
-    """V3 entry point of the test pack (imported by ComfyUI through write_family_pack's __init__.py)."""
-    from comfy_api.latest import ComfyExtension, io
-
-    class TinyCLIPLoader(io.ComfyNode):
-        @classmethod
-        def define_schema(cls) -> io.Schema:
-            return io.Schema(
-                node_id=TINY_CLIP_NODE_ID,
-                display_name="NoiseQuery Test Tiny CLIP",
-                category="testing/noisequery",
-                inputs=[io.Combo.Input("family", options=list(FAMILIES),
-                                       tooltip="Which family's text encoder (tiny random weights).")],
-                outputs=[io.Clip.Output("CLIP")],
-            )
-
-        @classmethod
-        def execute(cls, family: str) -> io.NodeOutput:
-            return io.NodeOutput(tiny_clip(family))
-
-    class FamilyExtension(ComfyExtension):
-        async def get_node_list(self) -> list[type[io.ComfyNode]]:
-            return [TinyCLIPLoader]
-
-    return FamilyExtension()
