@@ -143,3 +143,12 @@ def joint_phrase_probs(probs: Sequence[torch.Tensor], layout: JointLayout) -> li
     rows: [B, n_image] each, the maps refocusing and the measurements use."""
     img = layout.image_slice()
     return [p[:, img] for p in probs]
+
+
+@dataclass(frozen=True)
+class JointModel:
+    """What the guide needs to know of a joint-attention model: its patch size and the tokens before the text."""
+
+    family: str  # "flux" or "sd3", for messages
+    patch: int
+    text_offset: int = 0
