@@ -181,6 +181,11 @@ class HighlightRuntime:
         shape = to.get(SHAPE_KEY)
         if nk != n or shape is None:
             return self._next(func, args, kwargs)
+        rows = cond_rows(q.shape[0], to.get("cond_or_uncond") or [0], device=q.device)
+        if not bool(rows.any()):
+            # Only negative prompts in this call: nothing to guide. SD3 and Flux batch conditionings of different
+            # lengths in separate calls (CONDRegular), so this one's text need not fit the guide's prompt.
+            return self._next(func, args, kwargs)
         layout = joint_layout(n, int(shape[2]), patch_grid((int(shape[0]), int(shape[1])), self.joint.patch),
                               self.joint.text_offset)
         if layout is None:  # e.g. SD3.5's image-only self-attention: no text to guide
@@ -189,7 +194,6 @@ class HighlightRuntime:
         capture = to.get(CAPTURE_KEY)
         if weight == 0.0 and capture is None:
             return self._next(func, args, kwargs)
-        rows = cond_rows(q.shape[0], to.get("cond_or_uncond") or [0], device=q.device)
         full = mask
         if weight != 0.0:
             self.layers_seen += 1

@@ -6,19 +6,27 @@ guide's so it sees the guide's bias) records softmax(QK^T/sqrt(d) + mask) over t
 the phrase's attention mass inside its region is read on the image-query rows x phrase-key columns, the text side on
 phrase-query rows x image-key columns, other tokens' maps are compared with unguided ones.
 
-The diffusion models are built in-process from ComfyUI's own model classes (supported_models.SD3 / Flux, model_base)
-with a tiny config and seeded random weights. No T5-XXL can be made small (ComfyUI's loader fixes its size), so the
-CLIP is a stand-in: ComfyUI's real SD3 / Flux tokenizers (the files that ship with ComfyUI) and an encoder that
-embeds each token id as a seeded random vector in the shapes the real encoders give (SD3: CLIP-L/G rows then T5
-rows along the tokens, 4096 features, pooled 2048; Flux: T5 rows only, pooled 768).
+Two kinds of tiny model:
+* for the measurements, SD3 and Flux diffusion models built in-process from ComfyUI's own model classes
+  (supported_models.SD3 / Flux, model_base) with a narrow config (Flux: 2 double- + 2 single-stream blocks of width 64;
+  SD3: 2 joint blocks) and seeded random weights, sampled at 256 x 192 (16 x 12 image tokens, 4:3), so a region has
+  enough tokens to be measured; ComfyUI's loader would fix Flux's width at 3072 (24 heads x 128), seconds per step on
+  two cores;
+* the family checkpoints of tests/host/family_models.py, loaded by CheckpointLoaderSimple, for the guide on what the
+  stock loader gives, in-process and through POST /prompt (SDXL too).
+The CLIP is family_models' tiny one: ComfyUI's real SD3 / Flux text-encoder wrappers and real tokenizers (the files
+that ship with ComfyUI) with one-to-three-layer configs; T5 is padded to 8 rows instead of 77 / 256 (a T5-XXL cannot
+be made small through ComfyUI's loader).
 """
 from __future__ import annotations
 
 import json
-from types import ModuleType, SimpleNamespace
+from types import ModuleType
 from typing import Any
 
 import comfy_harness
+import family_models as FM
+import nq_graphs as G
 import pytest
 import torch
 
@@ -94,43 +102,14 @@ def tiny_sd3() -> Any:
     return _patcher(cfg, 1)
 
 
-class StandInClip:
-    """ComfyUI's real SD3 / Flux tokenizer with a seeded random token embedding in the real encoders' shapes."""
-
-    def __init__(self, family: str):
-        import comfy.text_encoders.flux
-        import comfy.text_encoders.sd3_clip
-
-        self.family = family
-        self.tokenizer = (comfy.text_encoders.flux.FluxTokenizer() if family == "flux"
-                          else comfy.text_encoders.sd3_clip.SD3Tokenizer())
-        self.cond_stage_model = SimpleNamespace(clip_l=object(), clip_g=object() if family == "sd3" else None,
-                                                t5xxl=object())
-
-    def tokenize(self, text: str) -> dict[str, Any]:
-        return self.tokenizer.tokenize_with_weights(text)
-
-    @staticmethod
-    def _embed(rows: list[list[Any]], width: int, salt: int) -> torch.Tensor:
-        vecs = [torch.randn(width, generator=torch.Generator().manual_seed(salt * 1_000_003 + int(t[0])))
-                for row in rows for t in row]
-        return torch.stack(vecs)[None]
-
-    def encode_from_tokens_scheduled(self, tokens: dict[str, Any]) -> list[list[Any]]:
-        t5 = self._embed(tokens["t5xxl"], 4096, 5)
-        if self.family == "flux":
-            return [[t5, {"pooled_output": torch.zeros(1, 768), "guidance": 3.5}]]
-        lg = torch.nn.functional.pad(self._embed(tokens["l"], 2048, 1), (0, 2048))
-        return [[torch.cat([lg, t5], dim=1), {"pooled_output": torch.zeros(1, 2048)}]]
-
-
 FAMILIES = ("sd3", "flux")
 
 
 @pytest.fixture(scope="module")
-def family_models(comfy_nodes: ModuleType) -> dict[str, tuple[Any, StandInClip]]:
+def joint_models(comfy_nodes: ModuleType) -> dict[str, tuple[Any, Any]]:
+    """family -> (tiny in-process diffusion model, the family's tiny real CLIP from family_models)."""
     with torch.inference_mode():
-        return {"sd3": (tiny_sd3(), StandInClip("sd3")), "flux": (tiny_flux(), StandInClip("flux"))}
+        return {"sd3": (tiny_sd3(), FM.tiny_clip("sd3")), "flux": (tiny_flux(), FM.tiny_clip("flux"))}
 
 
 class JointProbe:
@@ -175,11 +154,12 @@ def _run_guide(comfy_nodes: ModuleType, model: Any, clip: Any, **overrides: Any)
         return cls.execute(model=model, clip=clip, **guide_inputs(**overrides))
 
 
-def _negative(clip: StandInClip) -> list[list[Any]]:
-    return clip.encode_from_tokens_scheduled(clip.tokenize(""))
+def _negative(clip: Any) -> list[list[Any]]:
+    with torch.inference_mode():
+        return clip.encode_from_tokens_scheduled(clip.tokenize(""))
 
 
-def _sample(comfy_nodes: ModuleType, model: Any, clip: StandInClip, positive: Any, steps: int = 1, seed: int = 3,
+def _sample(comfy_nodes: ModuleType, model: Any, clip: Any, positive: Any, steps: int = 1, seed: int = 3,
             cfg: float = 4.0, width: int = WIDTH, height: int = HEIGHT) -> torch.Tensor:
     with torch.inference_mode():
         out = comfy_nodes.common_ksampler(model, seed, steps, cfg, "euler", "simple", positive, _negative(clip),
@@ -194,11 +174,11 @@ def _layout(shape: tuple[int, int, int], n: int) -> tuple[slice, slice, tuple[in
     return slice(0, n_text), slice(n_text, n), grid
 
 
-def _measure(comfy_nodes: ModuleType, family_models: dict[str, Any], family: str, strength: float,
+def _measure(comfy_nodes: ModuleType, joint_models: dict[str, Any], family: str, strength: float,
              **overrides: Any) -> dict[str, Any]:
     """Per positive-row joint-attention call of one sampling step: the phrase's mass inside its region (image side
     and text side) and the probability maps."""
-    model, clip = family_models[family]
+    model, clip = joint_models[family]
     probe = JointProbe()
     out = _run_guide(comfy_nodes, _probe_model(model, probe), clip, strength=strength, **overrides)
     patched, cond = out.args[0], out.args[1]
@@ -229,25 +209,26 @@ def _measure(comfy_nodes: ModuleType, family_models: dict[str, Any], family: str
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_phrase_tokens_are_found_in_t5_and_clip(family: str, comfy_nodes: ModuleType,
-                                                family_models: dict[str, Any]) -> None:
-    model, clip = family_models[family]
+                                                joint_models: dict[str, Any]) -> None:
+    model, clip = joint_models[family]
     runtime = _run_guide(comfy_nodes, model, clip).args[0].model_options["transformer_options"][
         "optimized_attention_override"]
     cols = runtime.token_columns[0]
     t5_ids = clip.tokenizer.t5xxl.tokenizer("a cat")["input_ids"][:-1]  # without </s>
     t5 = list(range(len(t5_ids)))  # the prompt starts with the phrase; T5 has no start token
     assert [int(t[0]) for t in clip.tokenize(PROMPT)["t5xxl"][0]][:len(t5)] == t5_ids
+    n_t5 = len(clip.tokenize(PROMPT)["t5xxl"][0])
     if family == "flux":
-        assert runtime.context_len == 256 and cols == t5, cols  # T5 only, padded to 256
+        assert runtime.context_len == n_t5 and cols == t5, cols  # T5 only
     else:
-        assert runtime.context_len == 154 and cols == [1, 2] + [77 + i for i in t5], cols  # CLIP (after <start>), T5
+        assert runtime.context_len == 77 + n_t5 and cols == [1, 2] + [77 + i for i in t5], cols  # CLIP, then T5
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_guidance_concentrates_the_phrase_in_its_region(family: str, comfy_nodes: ModuleType,
-                                                        family_models: dict[str, Any]) -> None:
-    base = _measure(comfy_nodes, family_models, family, 0.0)
-    guided = _measure(comfy_nodes, family_models, family, 1.0)
+                                                        joint_models: dict[str, Any]) -> None:
+    base = _measure(comfy_nodes, joint_models, family, 0.0)
+    guided = _measure(comfy_nodes, joint_models, family, 1.0)
     area = guided["area"]
     assert 0.1 < area <= 0.25, f"test region should cover <= 25% of the image, covers {area:.1%}"
     n_blocks = {"sd3": 2, "flux": 4}[family]
@@ -273,13 +254,13 @@ def test_guidance_concentrates_the_phrase_in_its_region(family: str, comfy_nodes
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("width, height", [(128, 256), (320, 128)])
 def test_any_aspect_ratio(family: str, width: int, height: int, comfy_nodes: ModuleType,
-                          family_models: dict[str, Any]) -> None:
+                          joint_models: dict[str, Any]) -> None:
     mask_node = comfy_nodes.NODE_CLASS_MAPPINGS["NoiseQueryHighlightMask"]
     mask = torch.zeros(1, height, width)
     mask[:, height // 2:, width // 2:] = 1.0  # bottom-right quarter
     with torch.inference_mode():
         hl = mask_node.execute(mask=mask, phrase="a red ball").args[0]
-    got = _measure(comfy_nodes, family_models, family, 1.0, highlights="", mask_highlights=hl, width=width,
+    got = _measure(comfy_nodes, joint_models, family, 1.0, highlights="", mask_highlights=hl, width=width,
                    height=height)
     assert abs(got["area"] - 0.25) < 0.02
     assert min(got["image"]) >= 0.8 and min(got["text"]) >= 0.8, got["image"]
@@ -287,20 +268,21 @@ def test_any_aspect_ratio(family: str, width: int, height: int, comfy_nodes: Mod
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_strength_scales_the_effect_and_schedule_ends_it(family: str, comfy_nodes: ModuleType,
-                                                         family_models: dict[str, Any]) -> None:
-    half = _measure(comfy_nodes, family_models, family, 0.5)["image"]
-    full = _measure(comfy_nodes, family_models, family, 1.0)["image"]
+                                                         joint_models: dict[str, Any]) -> None:
+    half = _measure(comfy_nodes, joint_models, family, 0.5)["image"]
+    full = _measure(comfy_nodes, joint_models, family, 1.0)["image"]
     assert sum(half) / len(half) < sum(full) / len(full)
-    late = _measure(comfy_nodes, family_models, family, 1.0, start_percent=0.5, end_percent=1.0)["image"]
+    late = _measure(comfy_nodes, joint_models, family, 1.0, start_percent=0.5, end_percent=1.0)["image"]
     assert max(late) < 0.5, "a range that starts after the first step leaves it unguided"
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_strength_zero_is_bit_identical_to_plain_sampling(family: str, comfy_nodes: ModuleType,
-                                                          family_models: dict[str, Any]) -> None:
-    model, clip = family_models[family]
+                                                          joint_models: dict[str, Any]) -> None:
+    model, clip = joint_models[family]
     out = _run_guide(comfy_nodes, model, clip, strength=0.0)
-    plain_cond = clip.encode_from_tokens_scheduled(clip.tokenize(PROMPT))
+    with torch.inference_mode():
+        plain_cond = clip.encode_from_tokens_scheduled(clip.tokenize(PROMPT))
     assert torch.equal(out.args[1][0][0], plain_cond[0][0])
     a = _sample(comfy_nodes, out.args[0], clip, out.args[1], steps=2)
     b = _sample(comfy_nodes, model, clip, plain_cond, steps=2)
@@ -311,8 +293,8 @@ def test_strength_zero_is_bit_identical_to_plain_sampling(family: str, comfy_nod
     assert "optimized_attention_override" not in model.model_options.get("transformer_options", {})
 
 
-def _refocus_run(comfy_nodes: ModuleType, family_models: dict[str, Any], family: str) -> None:
-    model, clip = family_models[family]
+def _refocus_run(comfy_nodes: ModuleType, joint_models: dict[str, Any], family: str) -> None:
+    model, clip = joint_models[family]
     out = _run_guide(comfy_nodes, model, clip, strength=0.0, refocus_percent=0.3, refocus_iterations=4,
                      refocus_step_size=0.2)
     runtime = out.args[0].model_options["transformer_options"]["optimized_attention_override"]
@@ -327,16 +309,16 @@ def _refocus_run(comfy_nodes: ModuleType, family_models: dict[str, Any], family:
     assert not torch.equal(latent, plain)
 
 
-def test_refocusing_lowers_the_attention_loss_on_sd3(comfy_nodes: ModuleType, family_models: dict[str, Any]) -> None:
+def test_refocusing_lowers_the_attention_loss_on_sd3(comfy_nodes: ModuleType, joint_models: dict[str, Any]) -> None:
     """MMDiT's joint attention is differentiable with respect to the latent: refocusing runs on SD3."""
-    _refocus_run(comfy_nodes, family_models, "sd3")
+    _refocus_run(comfy_nodes, joint_models, "sd3")
 
 
-def test_flux_refocusing_is_refused_with_the_reason(comfy_nodes: ModuleType, family_models: dict[str, Any]) -> None:
+def test_flux_refocusing_is_refused_with_the_reason(comfy_nodes: ModuleType, joint_models: dict[str, Any]) -> None:
     """No gradient flows from Flux's attention back to the latent in ComfyUI 0.8.0 (in-place adds in its blocks; the
     comfy_kitchen rope kernel has no backward): the guide says so before sampling instead of failing mid-run. If
     ComfyUI's Flux becomes differentiable, the second half fails: then enable refocusing on Flux."""
-    model, clip = family_models["flux"]
+    model, clip = joint_models["flux"]
     with pytest.raises(Exception, match="refocusing cannot run on Flux") as err:
         _run_guide(comfy_nodes, model, clip, refocus_percent=0.5, refocus_iterations=2)
     assert "refocus_percent to 0" in str(err.value)
@@ -351,11 +333,11 @@ def test_flux_refocusing_is_refused_with_the_reason(comfy_nodes: ModuleType, fam
 
 
 def test_flow_progress_follows_the_models_own_schedule(comfy_nodes: ModuleType,
-                                                       family_models: dict[str, Any]) -> None:
+                                                       joint_models: dict[str, Any]) -> None:
     """sigma -> progress inverts percent_to_sigma of SD3's shifted flow sampling (the schedule's clock)."""
     guide_mod = comfy_harness_pack_module(comfy_nodes)
     for family in FAMILIES:
-        model, _clip = family_models[family]
+        model, _clip = joint_models[family]
         ms = model.get_model_object("model_sampling")
         f = guide_mod.flow_sigma_to_percent_fn(ms)
         for p in (0.0, 0.1, 0.37, 0.8):
@@ -363,17 +345,99 @@ def test_flow_progress_follows_the_models_own_schedule(comfy_nodes: ModuleType,
 
 
 def comfy_harness_pack_module(comfy_nodes: ModuleType) -> Any:
-    import nq_graphs as G
-
     return G.pack_module(comfy_nodes, "nodes.guidance_nodes")
 
 
-def test_unknown_text_layout_is_refused(comfy_nodes: ModuleType, family_models: dict[str, Any]) -> None:
-    model, clip = family_models["flux"]
-    odd = StandInClip("flux")
-    odd.encode_from_tokens_scheduled = lambda tokens: [[torch.zeros(1, 300, 4096),  # type: ignore[method-assign]
-                                                        {"pooled_output": torch.zeros(1, 768)}]]
+class _OddClip:
+    """A CLIP whose conditioning length fits no layout the guide knows."""
+
+    def __init__(self, clip: Any):
+        self.tokenizer, self.cond_stage_model, self._clip = clip.tokenizer, clip.cond_stage_model, clip
+
+    def tokenize(self, text: str) -> Any:
+        return self._clip.tokenize(text)
+
+    def encode_from_tokens_scheduled(self, tokens: Any) -> list[list[Any]]:
+        return [[torch.zeros(1, 300, 4096), {"pooled_output": torch.zeros(1, 768)}]]
+
+
+def test_unknown_text_layout_is_refused(comfy_nodes: ModuleType, joint_models: dict[str, Any]) -> None:
+    model, clip = joint_models["flux"]
     with pytest.raises(Exception, match="300 tokens"):
-        _run_guide(comfy_nodes, model, odd)
+        _run_guide(comfy_nodes, model, _OddClip(clip))
     with pytest.raises(Exception, match="'a dog' is not in the prompt"):
         _run_guide(comfy_nodes, model, clip, highlights=strokes({**CAT_STROKE, "phrase": "a dog"}))
+
+
+# ---------------------------------------------------------------------------------------- family checkpoints
+
+
+def _mask_highlight(comfy_nodes: ModuleType, size: int) -> Any:
+    mask = torch.zeros(1, size, size)
+    mask[:, size // 2:, size // 2:] = 1.0  # bottom-right quarter
+    with torch.inference_mode():
+        return comfy_nodes.NODE_CLASS_MAPPINGS["NoiseQueryHighlightMask"].execute(mask=mask, phrase="a red ball").args[0]
+
+
+@pytest.mark.parametrize("family, size", [("sd3", 128), ("flux", 64)])
+def test_guide_on_the_stock_loaders_checkpoint(family: str, size: int, comfy_nodes: ModuleType,
+                                               tiny_family_factory: Any) -> None:
+    """The family checkpoint as CheckpointLoaderSimple gives it, with its tiny CLIP: the phrase's mass inside a
+    quarter region at every joint block (Flux: its double- and single-stream block at full width 3072)."""
+    fam = tiny_family_factory(family)
+    with torch.inference_mode():
+        model = comfy_nodes.CheckpointLoaderSimple().load_checkpoint(fam.ckpt_name)[0]
+    got = _measure(comfy_nodes, {family: (model, FM.tiny_clip(family))}, family, 1.0, highlights="",
+                   mask_highlights=_mask_highlight(comfy_nodes, size), width=size, height=size)
+    print(f"{family} checkpoint {size}px: image->phrase mass inside {[round(x, 3) for x in got['image']]}, "
+          f"phrase->image {[round(x, 3) for x in got['text']]} (region {got['area']:.0%})")
+    assert abs(got["area"] - 0.25) < 0.02
+    assert len(got["image"]) == {"sd3": 1, "flux": 2}[family]
+    assert min(got["image"]) >= 0.8 and min(got["text"]) >= 0.8
+
+
+def guide_graph(fam: Any, *, seed: int = 1) -> dict[str, Any]:
+    """Family checkpoint + tiny CLIP -> NoiseQueryHighlightMask (bottom-right quarter) -> HighlightScribbleGuide "10"
+    -> (FluxGuidance) -> KSampler -> VAEDecode -> PreviewImage ("t3")."""
+    spec = fam.spec
+    size = spec.size
+    g = FM.family_base(spec, fam.ckpt_name, positive=PROMPT, negative="")
+    g["m0"] = {"class_type": "SolidMask", "inputs": {"value": 0.0, "width": size, "height": size}}
+    g["m1"] = {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": size // 2, "height": size // 2}}
+    g["m2"] = {"class_type": "MaskComposite", "inputs": {"destination": ["m0", 0], "source": ["m1", 0],
+                                                         "x": size // 2, "y": size // 2, "operation": "add"}}
+    g["m3"] = {"class_type": "NoiseQueryHighlightMask", "inputs": {"mask": ["m2", 0], "phrase": "red ball"}}
+    g["10"] = {"class_type": "HighlightScribbleGuide", "inputs": {
+        "model": [FM.CKPT, 0], "clip": [FM.CLIP, 0], "mask_highlights": ["m3", 0],
+        **guide_inputs(highlights="", width=max(size, 64), height=max(size, 64))}}  # the canvas: only its aspect matters
+    g.update(G.ksampler_image("t", seed, steps=2, cfg=spec.cfg, sampler=spec.sampler, scheduler=spec.scheduler,
+                              size=size, negative=FM.NEG, model=["10", 0]))
+    if spec.flux_guidance is None:
+        g["t1"]["inputs"]["positive"] = ["10", 1]
+    else:
+        g["11"] = {"class_type": "FluxGuidance", "inputs": {"conditioning": ["10", 1], "guidance": spec.flux_guidance}}
+        g["t1"]["inputs"]["positive"] = ["11", 0]
+    return g
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
+def test_guide_runs_through_ksampler_in_process(family: str, comfy_runner: comfy_harness.InProcessRunner,
+                                                tiny_family_factory: Any) -> None:
+    fam = tiny_family_factory(family)
+    entry = comfy_runner.run(guide_graph(fam))
+    assert "error" not in entry and comfy_harness.execution_error(entry) is None, entry
+    image = comfy_runner.node_outputs("t2")[0]
+    assert image.shape == (1, fam.spec.size, fam.spec.size, 3) and torch.isfinite(image).all()
+    assert "'red ball'" in G.ui_text(entry, "10")
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
+def test_guide_over_http(family: str, comfy_server: comfy_harness.ComfyServer, tiny_family_factory: Any) -> None:
+    fam = tiny_family_factory(family)
+    entry = comfy_server.run(guide_graph(fam, seed=2), timeout=600)
+    assert comfy_harness.execution_error(entry) is None, entry["status"]
+    images = comfy_harness.output_images(entry, "t3")
+    assert len(images) == 1
+    png = comfy_server.get_image(images[0]["filename"], images[0].get("subfolder", ""), images[0]["type"])
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "'red ball'" in "\n".join(entry["outputs"]["10"]["text"])
