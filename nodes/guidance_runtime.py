@@ -10,6 +10,10 @@ How it attaches (and why it composes with other packs):
   ControlNets of other packs keep working. An attn2 *replace* patch of another pack (IPAdapter
   style) computes attention itself without this wrapper: those layers are left unguided, which
   ``HighlightRuntime.layers_seen`` lets the node report.
+* On SD3 (MMDiT) and Flux the same override sees each block's joint attention (text then image tokens in one
+  sequence). Those models do not tell the attention the latent's size, so an APPLY_MODEL wrapper (also a
+  composing wrapper) records it, with the text length, in the call's transformer_options; the override then lays
+  out the sequence and adds the two-sided bias of noisequery_core.guidance.joint.
 * Refocusing is a PREDICT_NOISE wrapper (ComfyUI's wrapper list, so it also composes): in its
   steps it runs the positive conditioning once with gradients, takes the refocus loss
   (noisequery_core.guidance.refocus) on the captured attention maps, moves the latent against
