@@ -339,6 +339,7 @@ class NoiseQueryLoadInvariantPrompt(io.ComfyNode):
                 io.Conditioning.Output(display_name="conditioning", tooltip="The tuned prompt, for a KSampler's positive."),
                 io.String.Output(display_name="report", tooltip="Where the embedding came from and its held-out loss."),
             ],
+            is_output_node=True,  # shows its report on the node, and a refused file fails the queue visibly
         )
 
     @classmethod

@@ -199,7 +199,7 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(tuned: dict[str, An
 
 
 @pytest.mark.parametrize("override, words", [
-    ({"iterations": 0}, ["iterations", ">= 1"]),
+    ({"iterations": 0}, ["iterations", "below the minimum 1"]),
     ({"prompt_weight": float("nan")}, ["prompt_weight", "NaN"]),
     ({"learning_rate": float("inf")}, ["learning_rate"]),
     ({"name": "../outside"}, ["name", "'..'"]),
