@@ -208,7 +208,9 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(tuned: dict[str, An
 ])
 def test_bad_inputs_refused_at_queue_time(override: dict[str, Any], words: list[str], comfy_runner: InProcessRunner,
                                           tiny_ckpt_name: str, emb_dir: Path) -> None:
-    text = _refused(comfy_runner.run(graph(tiny_ckpt_name, invariant_node("inproc/bad", **override))))
+    node = invariant_node("inproc/bad")
+    node["inputs"].update(override)
+    text = _refused(comfy_runner.run(graph(tiny_ckpt_name, node)))
     for w in words:
         assert w in text, text
     assert not (emb_dir / "inproc" / "bad.safetensors").exists()
