@@ -182,8 +182,8 @@ def run_optimisation(model: Any, vae: Any, conditioning: Any, images: torch.Tens
         raise SeedInvariantError("image: connect the liked image (an IMAGE, one or a few of the same size).")
     base_model = _identity(model, model_name)
     arrays = to_uint8(images)
-    data = {"images": len(arrays), "fingerprint": data_fingerprint(list(arrays)),
-            "size": [int(arrays.shape[2]), int(arrays.shape[1])]}
+    width, height = int(arrays.shape[2]), int(arrays.shape[1])
+    data: dict[str, Any] = {"images": len(arrays), "fingerprint": data_fingerprint(list(arrays)), "size": [width, height]}
     prompt = {"hash": _host.conditioning_fingerprint(conditioning), "text": prompt_text}
     label = label or out_path.name
     if resume and out_path.is_file():
@@ -205,7 +205,7 @@ def run_optimisation(model: Any, vae: Any, conditioning: Any, images: torch.Tens
         del predict  # drops the weight clones
     save_embedding(out_path, e)
     report = (f"{label}: {e.tokens.shape[0]} tokens x {e.context_dim} tuned for {e.iterations_done} iterations on "
-              f"{data['images']} liked image(s) at {data['size'][0]}x{data['size'][1]}\n{held_out_summary(e)}\n"
+              f"{data['images']} liked image(s) at {width}x{height}\n{held_out_summary(e)}\n"
               f"training loss {e.loss_history[0]:.4f} -> {e.loss_history[-1]:.4f}; checkpoint (resume / extend): "
               f"{checkpoint_for(out_path).name}\nbase model: {base_model['model_class']} {model_name} fingerprint "
               f"{base_model['fingerprint']}")

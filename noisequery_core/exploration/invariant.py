@@ -485,7 +485,7 @@ def optimise_prompt(
 
     tuned = st.params[0].detach()
     steps = held_out_timesteps(s)
-    held = {"seeds": [int(x) for x in held_out_seeds], "timesteps": steps}
+    held: dict[str, Any] = {"seeds": [int(x) for x in held_out_seeds], "timesteps": steps}
     if held_out_seeds:
         held["before"] = held_out_loss(latents, original, predict_noise, sigmas, held_out_seeds, steps)
         held["after"] = held_out_loss(latents, tuned, predict_noise, sigmas, held_out_seeds, steps)

@@ -249,3 +249,12 @@ def test_appearance_distance() -> None:
     c_near, l_near = appearance_distance(near, liked)
     c_flip, l_flip = appearance_distance(flipped, liked)
     assert l_near < 5 < l_flip and c_near < c_flip
+
+
+def test_loss_curve_picture() -> None:
+    from noisequery_core.exploration.invariant import loss_curve
+
+    pic = loss_curve([3.0, 2.0, 1.5, 1.0], {"before": 2.0, "after": 1.0}, width=200, height=100)
+    assert pic.shape == (100, 200, 3) and pic.dtype == np.uint8
+    assert len(np.unique(pic.reshape(-1, 3), axis=0)) > 3  # background, the curves and the title were drawn
+    assert loss_curve([1.0]).shape == (256, 512, 3)
