@@ -16,6 +16,7 @@ from ..noisequery_core import (
     FeatureExtractor,
     GenerationKey,
     Library,
+    ModelError,
     NoiseQueryError,
     feature_set,
 )
@@ -131,7 +132,11 @@ class BuildNoiseLibrary(io.ComfyNode):
             }.items())),
         )
         spec = ClipSpec.parse(clip_model)
-        embedder = None if spec.is_none else _host.embedder_for(spec)
+        try:
+            embedder = None if spec.is_none else _host.embedder_for(spec)
+        except ModelError as exc:  # a first build offline: a colour-only library needs no CLIP at all
+            raise ModelError(f"{exc} Or set clip_model to 'none' to build a colour-only library right now (colour "
+                             "queries work on it; rebuild with a CLIP model later for text queries).") from exc
         features = feature_set(embedder, thumbnail_size=thumbnail_size)
         lib = Library.create(path, gen, features)
         extractor = FeatureExtractor(lib.features, embedder)
@@ -170,7 +175,9 @@ class BuildNoiseLibrary(io.ComfyNode):
         log.info("BuildNoiseLibrary %s", report.replace("\n", " | "))
         if "images" in last:
             images = to_image(last["images"])
-            return io.NodeOutput(library_name, images, report, ui=ui.PreviewImage(images, cls=cls))
+            # the built batch and the report together (the report alone was missing on a first build)
+            shown = ui.PreviewImage(images, cls=cls).as_dict()
+            return io.NodeOutput(library_name, images, report, ui={**shown, "text": [report]})
         return io.NodeOutput(library_name, torch.zeros((1, 64, 64, 3)), report, ui={"text": [report]})
 
 
