@@ -293,16 +293,21 @@ def test_post_prompt_runs_the_example_and_resumes_after_interrupt(inv_server: An
     assert (emb / "server" / "example.safetensors").is_file()
     assert len(comfy_harness.output_images(entry)) >= 4
 
-    # bad inputs over HTTP: refused by /prompt with the node and input named
-    refused = server.post_prompt(_example(tiny_ckpt_name, "server/bad", 0))
-    assert isinstance(refused, dict) and "iterations" in json.dumps(refused.get("node_errors")), refused
-    # NaN as Python's json writes it (requests' json= would not send it): what urllib-based API clients post
+    # bad inputs over HTTP: refused by /prompt with the node and input named. Only the node's own branch is posted:
+    # ComfyUI queues a prompt whose other outputs are valid (the liked image's preview, the original-prompt batch).
     import requests
 
-    body = json.dumps({"prompt": _example(tiny_ckpt_name, "server/bad", 2, prompt_weight=float("nan")),
-                       "client_id": server.client_id})
-    r = requests.post(f"{server.url}/prompt", data=body, headers={"Content-Type": "application/json"}, timeout=60)
-    assert r.status_code == 400 and "input 'prompt_weight' is NaN" in r.text, r.text[:2000]
+    for override, words in (({"iterations": 0}, "input 'iterations' is 0, below the minimum 1"),
+                            ({"prompt_weight": float("nan")}, "input 'prompt_weight' is NaN")):
+        bad = _example(tiny_ckpt_name, "server/bad", 2)
+        for unrelated in ("7", "14", "15", "16"):
+            bad.pop(unrelated)
+        bad["8"]["inputs"].update(override)
+        # NaN as Python's json writes it (requests' json= would not send it), as urllib-based API clients post it
+        body = json.dumps({"prompt": bad, "client_id": server.client_id})
+        r = requests.post(f"{server.url}/prompt", data=body, headers={"Content-Type": "application/json"}, timeout=60)
+        assert r.status_code == 400 and words in r.text, r.text[:2000]
+    assert not (emb / "server" / "bad.safetensors").exists()
 
     # interrupt through POST /interrupt once the first checkpoint is on disk, re-queue, compare with a whole run
     iters = 8
