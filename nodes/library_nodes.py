@@ -15,6 +15,7 @@ from ..noisequery_core import (
     ClipSpec,
     FeatureExtractor,
     GenerationKey,
+    IncompatibleLibraryError,
     Library,
     ModelError,
     NoiseQueryError,
@@ -25,7 +26,7 @@ from ..noisequery_core.library.paths import check_library_name, resolve_library
 from . import _host
 from ._glue import SEED_MAX, load_thumbnails, to_image
 from ._validate import numbers_problem, require_numbers
-from .sampling import SeedRenderer
+from .sampling import SeedRenderer, model_latent
 
 log = logging.getLogger("noisequery")
 
@@ -102,9 +103,11 @@ class BuildNoiseLibrary(io.ComfyNode):
         clip_model: str, thumbnail_size: int,
     ) -> io.NodeOutput:
         require_numbers(cls, {"cfg": cfg})  # a linked value was not there to check at queue time
-        if width % 8 or height % 8:
-            raise NoiseQueryError(f"BuildNoiseLibrary: width {width} and height {height} must be multiples of 8 (the latent "
-                                  f"is 1/8 of the image); use e.g. {width - width % 8 or 8}x{height - height % 8 or 8}.")
+        _, f = model_latent(model, vae)
+        if width % f or height % f:
+            raise NoiseQueryError(f"BuildNoiseLibrary: width {width} and height {height} must be multiples of {f} (this "
+                                  f"model's latent is 1/{f} of the image); use e.g. "
+                                  f"{width - width % f or f}x{height - height % f or f}.")
         if seed_start + count - 1 > SEED_MAX:
             raise NoiseQueryError(f"BuildNoiseLibrary: seed_start {seed_start} + count {count} runs past the largest seed "
                                   f"{SEED_MAX}; lower seed_start or count.")
@@ -125,6 +128,7 @@ class BuildNoiseLibrary(io.ComfyNode):
             prompt=_host.upstream_text(dyn, uid, "positive"),
             negative_prompt=_host.upstream_text(dyn, uid, "negative"),
             denoise=1.0,
+            family=renderer.family,
             extra=tuple(sorted({
                 "positive_cond": _host.conditioning_fingerprint(positive),
                 "negative_cond": _host.conditioning_fingerprint(negative),
@@ -139,6 +143,11 @@ class BuildNoiseLibrary(io.ComfyNode):
                              "queries work on it; rebuild with a CLIP model later for text queries).") from exc
         features = feature_set(embedder, thumbnail_size=thumbnail_size)
         lib = Library.create(path, gen, features)
+        if lib.generation.family and lib.generation.family != gen.family:
+            # The family is not part of key equality (older libraries record none), so say it here.
+            raise IncompatibleLibraryError(
+                f"BuildNoiseLibrary: library {lib.path} was built with a {lib.generation.family} model but the "
+                f"connected model is {gen.family}; build into a new library_name.")
         extractor = FeatureExtractor(lib.features, embedder)
         seeds = range(int(seed_start), int(seed_start) + int(count))
         todo = len(seeds) - int(lib.contains(np.fromiter(seeds, dtype=np.uint64, count=len(seeds))).sum())
