@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from . import _host
 from .directions_nodes import NOISECLR_NODES
+from .exploration_invariant_nodes import INVARIANT_NODES
 from .exploration_rank_nodes import NoiseQueryRank
 from .exploration_variation_nodes import NoiseQueryVariantPicker, NoiseQueryVariations
 from .exploration_walk_nodes import NoiseQueryConditioningInterpolate, NoiseQuerySeedGrid, NoiseQuerySeedSlerp
@@ -25,4 +26,5 @@ NODE_CLASSES: list[type] = [
     NoiseQuerySeedSlerp, NoiseQuerySeedGrid, NoiseQueryConditioningInterpolate,  # infinite index
     NoiseQueryVariations, NoiseQueryVariantPicker, NoiseQueryRank,
     *NOISECLR_NODES,  # NoiseCLR
+    *INVARIANT_NODES,  # seed-invariant prompt
 ]

@@ -24,6 +24,7 @@ log = logging.getLogger("noisequery")
 LIBRARY_FOLDER = "noise_libraries"
 CLIP_FOLDER = "noisequery_clip"
 AESTHETIC_FOLDER = "noisequery_aesthetic"  # score heads on CLIP embeddings (nodes/exploration_rank_nodes.py)
+EMBEDDING_FOLDER = "noisequery_embeddings"  # seed-invariant prompts (nodes/exploration_invariant_nodes.py)
 
 CLIP_CHOICES = ["ViT-B-32:openai", "ViT-B-16:openai", "ViT-L-14:openai", "ViT-H-14:laion2b_s32b_b79k", "none"]
 
@@ -48,7 +49,7 @@ def register_folder(name: str) -> None:
 
 def register_folders() -> None:
     """The pack's own model folders (NoiseCLR registers its folder in nodes/directions_runtime.py)."""
-    for name in (LIBRARY_FOLDER, CLIP_FOLDER, AESTHETIC_FOLDER):
+    for name in (LIBRARY_FOLDER, CLIP_FOLDER, AESTHETIC_FOLDER, EMBEDDING_FOLDER):
         register_folder(name)
 
 
