@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +35,7 @@ from ..noisequery_core.exploration.invariant import (
 from ..noisequery_core.work import CheckCancel, Progress, never_cancel, no_progress
 from . import _host
 from ._glue import SEED_MAX, to_image, to_uint8
+from ._training import make_predict_noise
 from ._validate import numbers_problem, require_numbers
 
 log = logging.getLogger("noisequery")
@@ -109,42 +109,6 @@ def check_model(model: Any) -> None:
     if base.model_type not in (comfy.model_base.ModelType.EPS, comfy.model_base.ModelType.V_PREDICTION):
         raise SeedInvariantError(f"Seed-invariant prompt: {kind} predicts {base.model_type.name}; only eps and "
                                  f"v-prediction UNets (SD1.x, SD2.x) are supported.")
-
-
-class _Forward(torch.nn.Module):
-    """Holds the BaseModel as a submodule so torch.func.functional_call can swap its weights."""
-
-    def __init__(self, base: Any):
-        super().__init__()
-        self.base = base
-
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return self.base.apply_model(x, sigma, c_crossattn=context)
-
-
-def make_predict_noise(model: Any) -> tuple[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
-                                            torch.Tensor]:
-    """(predict_noise, sigmas) for the core. Call inside inference_mode(False).
-
-    The same workaround as NoiseCLR's (nodes/directions_runtime.make_predict_noise, which this module may not
-    import: node families share glue only through _host/_glue, tests/core/test_seam.py): ComfyUI loads weights
-    under inference_mode and inference tensors cannot be saved for backward, so the forward runs on clones of
-    the UNet's weights through torch.func.functional_call; the real weights are never touched (the host test
-    checks them bit for bit). LoRA patches are already merged by load_models_gpu.
-    """
-    comfy.model_management.load_models_gpu([model], force_full_load=True)
-    base = model.model
-    fwd = _Forward(base)
-    params = {f"base.diffusion_model.{k}": v.detach().clone() for k, v in base.diffusion_model.named_parameters()}
-    params.update({f"base.diffusion_model.{k}": v.detach().clone() for k, v in base.diffusion_model.named_buffers()})
-    sigmas = base.model_sampling.sigmas.detach().clone().float()
-
-    def predict_noise(x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        denoised = torch.func.functional_call(fwd, params, (x, sigma, context), strict=False)
-        # x = x0 + σ·ε in ComfyUI's sampling space (model_sampling.noise_scaling), eps and v models alike.
-        return (x - denoised) / sigma.view(-1, *([1] * (x.dim() - 1)))
-
-    return predict_noise, sigmas
 
 
 def prompt_tokens(conditioning: Any, dim: int | None) -> tuple[torch.Tensor, dict[str, Any]]:

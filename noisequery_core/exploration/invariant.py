@@ -417,7 +417,7 @@ def optimise_prompt(
         latents: [M, C, H, W] clean latents of the liked image(s) in the model's space.
         tokens: [T, D] the prompt's conditioning tokens (the start, and the anchor of the prompt_weight term).
         predict_noise: ``(x_t [B,C,H,W], sigma [B], context [B,T,D]) -> eps``, differentiable in ``context``, with
-            x_t = x_0 + sigma·noise (NoiseCLR's callable: nodes/directions_runtime.make_predict_noise).
+            x_t = x_0 + sigma·noise (the shared training forward: nodes/_training.make_predict_noise).
         sigmas: [L] the model's noise levels by timestep (model_sampling.sigmas); t_min..t_max index into it.
         settings: the run's InvariantSettings.
         checkpoint_path: written every ``checkpoint_every`` iterations, at the end and on a stop; None for none.

@@ -247,7 +247,8 @@ def test_flux_training_forward_matches_comfyui_forward(tiny_flux: FM.TinyFamily,
     # the rotation alone, against ComfyUI's op on Flux-shaped inputs
     pe = flux_math.rope(torch.arange(12, dtype=torch.float32).view(1, 12), 128, 10000).unsqueeze(1)
     q, k = torch.randn(2, 1, 12, 128), torch.randn(2, 1, 12, 128)
-    for got, want in zip(mod._rope_pair(q, k, pe), fused(q, k, pe), strict=True):
+    training = G.pack_module(comfy_nodes, "nodes._training")
+    for got, want in zip(training._rope_pair(q, k, pe), fused(q, k, pe), strict=True):
         assert torch.allclose(got, want, atol=1e-5)
 
     model = comfy.sd.load_checkpoint_guess_config(str(tiny_flux.path))[0]  # a fresh copy: the test patches nothing
