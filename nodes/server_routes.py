@@ -1,11 +1,14 @@
 """The library browser's JSON routes under /noisequery/ on ComfyUI's server (aiohttp glue over search/service.py).
 
     GET  /noisequery/libraries                      every library: size, model, resolution, what it can answer
-    POST /noisequery/query        {library, text, …, offset, limit}  → a page of ranked hits
+    POST /noisequery/query        {library, text, …, like_image, offset, limit}  → a page of ranked hits
+    POST /noisequery/example      raw PNG/JPEG/WebP bytes (≤ 8 MB)  → {id, width, height, format}: the handle
+                                  a query names as like_image: {"id": …, "weight": …} ("like this image")
     GET  /noisequery/thumbnail?library=NAME&seed=N  the entry's stored thumbnail (by name + seed, never a path)
 
 ComfyUI also serves each under /api/… (the frontend's api.fetchApi adds that prefix). Bad requests get a 400
-with {"error": message}; a seed that is not in the library a 404. Searching and reading run in this module's
+with {"error": message} (and "code": "example_gone" when a query names an upload the server no longer keeps,
+so the panel uploads it again); a seed that is not in the library a 404. Searching and reading run in this module's
 worker threads, never on the server's event loop, so the page and the prompt queue stay responsive.
 Kept in sync with web/js/noisequery_library_panel.js (the only client the pack ships).
 """
@@ -25,7 +28,13 @@ from ..noisequery_core.errors import NoiseQueryError, QueryError
 from ..noisequery_core.library.manifest import ClipIdentity
 from ..noisequery_core.search.clip import spec_for_identity
 from ..noisequery_core.search.query import TextEncoder
-from ..noisequery_core.search.service import BODY_MAX, LibraryService
+from ..noisequery_core.search.service import (
+    BODY_MAX,
+    EXAMPLE_BYTES_MAX,
+    EXAMPLE_FORMATS,
+    ExampleGoneError,
+    LibraryService,
+)
 from . import _host
 
 log = logging.getLogger("noisequery")
@@ -61,6 +70,8 @@ async def _answer(pool: ThreadPoolExecutor, fn: Callable[[], Any], ok: Callable[
     """Run ``fn`` in ``pool`` and shape its result or its refusal (400 / 404 with the message; 500 logged)."""
     try:
         result = await asyncio.get_running_loop().run_in_executor(pool, fn)
+    except ExampleGoneError as exc:
+        return web.json_response({"error": str(exc), "code": "example_gone"}, status=400)
     except NoiseQueryError as exc:
         return _error(400, str(exc))
     except LookupError as exc:
@@ -90,6 +101,24 @@ async def _read_json(request: web.Request) -> Any:
         raise QueryError(f"The request body is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}).") from None
 
 
+async def _read_example(request: web.Request) -> bytes:
+    """An uploaded example's bytes: an image Content-Type, at most EXAMPLE_BYTES_MAX bytes; QueryError otherwise.
+
+    Only this route takes a body this large; a declared length over the cap is refused before reading.
+    """
+    kinds = sorted(set(EXAMPLE_FORMATS.values()))
+    if request.content_type not in kinds:
+        raise QueryError(f"The example upload has Content-Type {request.content_type or 'none'!r}; send the image's "
+                         f"bytes as one of {', '.join(kinds)}.")
+    if request.content_length is not None and request.content_length > EXAMPLE_BYTES_MAX:
+        raise QueryError(f"The example image is {request.content_length} bytes; at most {EXAMPLE_BYTES_MAX} "
+                         "(8 MB) are accepted. Send a smaller PNG, JPEG or WebP.")
+    raw = await request.content.read(EXAMPLE_BYTES_MAX + 1)
+    if len(raw) > EXAMPLE_BYTES_MAX:
+        raise QueryError(f"The example image is larger than {EXAMPLE_BYTES_MAX} bytes (8 MB); send a smaller one.")
+    return raw
+
+
 async def libraries(request: web.Request) -> web.StreamResponse:
     return await _answer(_thumb_pool, service().libraries, web.json_response)
 
@@ -100,6 +129,15 @@ async def query(request: web.Request) -> web.StreamResponse:
     except QueryError as exc:
         return _error(400, str(exc))
     return await _answer(_query_pool, lambda: service().query(body), web.json_response)
+
+
+async def example(request: web.Request) -> web.StreamResponse:
+    try:
+        data = await _read_example(request)
+    except QueryError as exc:
+        return _error(400, str(exc))
+    # decoding runs with the queries: it is CPU work of the same kind
+    return await _answer(_query_pool, lambda: service().add_example(data), web.json_response)
 
 
 async def thumbnail(request: web.Request) -> web.StreamResponse:
@@ -122,6 +160,7 @@ def add_routes(routes: web.RouteTableDef) -> None:
     """Put the pack's routes on ``routes`` (ComfyUI's PromptServer.instance.routes, or a test's own table)."""
     routes.get(f"{PREFIX}/libraries")(libraries)
     routes.post(f"{PREFIX}/query")(query)
+    routes.post(f"{PREFIX}/example")(example)
     routes.get(f"{PREFIX}/thumbnail")(thumbnail)
 
 

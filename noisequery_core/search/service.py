@@ -9,10 +9,17 @@ Thumbnails are found by library name + seed only; no client string ever becomes 
 
 The text encoder is loaded once per CLIP identity and repeated texts are answered from a cache;
 ranked hits of a query are cached so that scrolling (the next page) costs no new search.
+
+"Like this image" for an uploaded picture: the image is posted once (``add_example``: raw PNG/JPEG/WebP bytes,
+at most EXAMPLE_BYTES_MAX) and answered with an opaque handle, the hash of its bytes; a query names it as
+``like_image: {"id": …, "weight": …}``. So typing and scrolling resend a few bytes, not the picture, and the
+picture is decoded, checked and colour-analysed once, and embedded once per CLIP model.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import logging
 import math
@@ -27,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import LibraryError, NoiseQueryError, QueryError
+from ..imaging import to_rgb8
 from ..library.manifest import ClipIdentity
 from ..library.paths import list_libraries, resolve_library
 from ..library.storage import SEED_MAX, Library
@@ -47,9 +55,17 @@ BODY_MAX = 64 * 1024  # bytes of a query request; the glue refuses larger bodies
 TEXT_CACHE = 256  # encoded texts kept per text encoder
 RESULT_CACHE = 32  # ranked queries kept (for the next pages)
 THUMB_MIME = {"webp": "image/webp", "jpg": "image/jpeg", "jpeg": "image/jpeg"}
+# Uploaded examples ("like this image"): only this route's body may be this large (the glue checks it unread).
+EXAMPLE_BYTES_MAX = 8 * 1024 * 1024
+EXAMPLE_PIXELS_MAX = 40_000_000  # width × height as the file declares it, checked before any pixel is decoded
+EXAMPLE_SIDE_MAX = 16_384
+EXAMPLE_KEEP_SIDE = 512  # the kept copy's short side: CLIP sees 224 px, the colour analysis 256 px
+EXAMPLE_CACHE = 16  # uploaded examples kept (each ≤ ~1 MB); an older handle gets ExampleGoneError
+EXAMPLE_ID_LEN = 32  # hex digits of the SHA-256 of the uploaded bytes: the example's handle
+EXAMPLE_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 
 _QUERY_KEYS = {"library", "text", "negative_text", "text_weight", "negative_weight", "colors", "stats", "regions",
-               "like", "exclude_seeds", "offset", "limit"}
+               "like", "like_image", "exclude_seeds", "offset", "limit"}
 
 
 # ---------------------------------------------------------------- field checks (every message names the field)
@@ -140,12 +156,21 @@ class Like:
 
 
 @dataclass(frozen=True)
+class LikeImage:
+    """"Like this image": an uploaded example (by the handle ``add_example`` returned) as a target."""
+
+    id: str
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
 class QueryRequest:
     """A validated query request: which library, what to look for, which page."""
 
     library: str
     query: Query
     like: Like | None
+    like_image: LikeImage | None
     offset: int
     limit: int
     key: str  # canonical text of everything that decides the ranking (the result cache's key)
@@ -205,17 +230,99 @@ def parse_query_request(body: Any) -> QueryRequest:
         if "seed" not in lk:
             raise _bad("like.seed", "is missing", "Give the seed of a library entry.")
         like = Like(parse_seed(lk["seed"], "like.seed"), _num(lk.get("weight", 1.0), "like.weight", 0.0, WEIGHT_MAX))
+    like_image = None
+    if d.get("like_image") is not None:
+        li = _obj(d["like_image"], "like_image", {"id", "weight"})
+        ident = _str(li.get("id", ""), "like_image.id", 64)
+        if len(ident) != EXAMPLE_ID_LEN or any(c not in "0123456789abcdef" for c in ident):
+            raise _bad("like_image.id", f"is {ident[:40]!r}, not an example handle",
+                       "Upload the image with POST /noisequery/example and use the 'id' it answers.")
+        like_image = LikeImage(ident, _num(li.get("weight", 1.0), "like_image.weight", 0.0, WEIGHT_MAX))
+        if like is not None:
+            raise _bad("like_image", "comes with 'like'", "Give one example: a hit ('like') or an uploaded image.")
     exclude = tuple(parse_seed(v, f"exclude_seeds[{i}]") for i, v in enumerate(_list(d.get("exclude_seeds", []), "exclude_seeds", EXCLUDE_MAX)))
     limit = _int(d.get("limit", 48), "limit", 1, PAGE_MAX)
     offset = _int(d.get("offset", 0), "offset", 0, RANK_MAX - limit)
     query = Query(text=text, text_weight=text_w, negative_text=negative, negative_weight=neg_w, colors=tuple(colors),
                   stats=tuple(stats), regions=tuple(regions), exclude_seeds=exclude, top_k=offset + limit)
-    if not (query.has_clip_terms or query.has_color_terms or like is not None):
-        raise QueryError("The query is empty: type a text, pick a colour, set a statistic or a region, or choose "
-                         "'more like this' on a hit.")
+    if not (query.has_clip_terms or query.has_color_terms or like is not None or like_image is not None):
+        raise QueryError("The query is empty: type a text, pick a colour, set a statistic or a region, choose "
+                         "'more like this' on a hit, or upload an example image.")
+    # an example's id is the hash of its bytes, so a cached ranking for it stays right
     key = json.dumps([library.strip(), text, negative, text_w, neg_w, colors, [vars(s) for s in stats],
-                      [vars(r) for r in regions], None if like is None else vars(like), sorted(exclude)])
-    return QueryRequest(library, query, like, offset, limit, key)
+                      [vars(r) for r in regions], None if like is None else vars(like),
+                      None if like_image is None else vars(like_image), sorted(exclude)])
+    return QueryRequest(library, query, like, like_image, offset, limit, key)
+
+
+# ---------------------------------------------------------------- uploaded examples
+
+class ExampleGoneError(QueryError):
+    """A query names an uploaded example the server no longer keeps (evicted, or the server restarted)."""
+
+
+@dataclass
+class Example:
+    """An uploaded example image, decoded and checked: a bounded RGB copy, its colour layout, CLIP embeddings."""
+
+    id: str
+    image: Any  # PIL.Image.Image, 8-bit RGB, short side ≤ EXAMPLE_KEEP_SIDE
+    width: int  # as uploaded (after the EXIF turn)
+    height: int
+    format: str
+    layout: np.ndarray  # uint8 [GRID, GRID, 3]: the same colour analysis as every library entry
+    embeddings: dict[ClipIdentity, np.ndarray]
+
+
+def decode_example(data: bytes) -> Example:
+    """Decode an uploaded example (PNG, JPEG or WebP bytes) the way ``imaging.load_image`` decodes a file.
+
+    Upright by EXIF, 16-bit and float by their real range (``imaging.to_rgb8``). Refused with a QueryError that
+    says why: empty or oversize data, not one of the three formats, declared dimensions past EXAMPLE_SIDE_MAX
+    or EXAMPLE_PIXELS_MAX (checked from the header, before any pixel is decoded: a decompression bomb
+    never expands), a truncated or corrupt file, pixels with no picture.
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if not data:
+        raise QueryError("The uploaded example is empty; send the bytes of a PNG, JPEG or WebP image.")
+    if len(data) > EXAMPLE_BYTES_MAX:
+        raise QueryError(f"The uploaded example is {len(data)} bytes; at most {EXAMPLE_BYTES_MAX} are accepted. "
+                         "Send a smaller PNG, JPEG or WebP.")
+    fix = "Send a PNG, JPEG or WebP image."
+    try:
+        with Image.open(io.BytesIO(data), formats=list(EXAMPLE_FORMATS)) as im:
+            w, h = im.size
+            if w < 1 or h < 1 or w > EXAMPLE_SIDE_MAX or h > EXAMPLE_SIDE_MAX or w * h > EXAMPLE_PIXELS_MAX:
+                raise QueryError(f"The uploaded example declares {w}×{h} pixels; at most {EXAMPLE_SIDE_MAX} per side "
+                                 f"and {EXAMPLE_PIXELS_MAX // 1_000_000} megapixels are accepted. Send a smaller image.")
+            fmt = str(im.format)
+            im.load()
+            upright = ImageOps.exif_transpose(im)
+    except UnidentifiedImageError:
+        raise QueryError(f"The uploaded example is not an image this server reads. {fix}") from None
+    except Image.DecompressionBombError as exc:
+        raise QueryError(f"The uploaded example is too large to decode ({exc}). Send a smaller image.") from None
+    except (OSError, ValueError, SyntaxError) as exc:  # Pillow's truncated / corrupt file errors
+        raise QueryError(f"The uploaded example cannot be decoded ({exc}); it may be truncated or damaged. {fix}") from None
+    try:
+        rgb = to_rgb8(upright, where="the uploaded example")
+    except NoiseQueryError as exc:
+        raise QueryError(str(exc)) from None
+    width, height = rgb.size
+    short = min(width, height)
+    if short > EXAMPLE_KEEP_SIDE:  # keep a bounded copy: the encoders downscale further anyway
+        scale = EXAMPLE_KEEP_SIDE / short
+        rgb = rgb.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.Resampling.BICUBIC)
+    layout = color.analyse([rgb]).layout[0]
+    ident = hashlib.sha256(data).hexdigest()[:EXAMPLE_ID_LEN]
+    return Example(ident, rgb, width, height, fmt, layout, {})
+
+
+def encode_example_image(model: Any, image: Any) -> np.ndarray:
+    """CLIP embedding [dim] of a PIL image with a ClipEmbedder-like model (``preprocess``, ``encode_images``)."""
+    pixels = model.preprocess(image)
+    return np.asarray(model.encode_images(pixels[None])[0], dtype=np.float32)
 
 
 # ---------------------------------------------------------------- caches
@@ -336,8 +443,10 @@ class LibraryService:
         self._load_encoder = load_encoder
         self._lock = threading.Lock()
         self._entries: dict[str, _Entry] = {}
+        self._models: dict[ClipIdentity, Any] = {}  # as loaded: the image path ("like this image") uses it
         self._encoders: dict[ClipIdentity, CachedTextEncoder] = {}
         self._encoder_lock = threading.Lock()
+        self._examples: OrderedDict[str, Example] = OrderedDict()
         self._results: OrderedDict[str, tuple[tuple[Any, ...], list[Hit], bool]] = OrderedDict()
 
     # -- libraries
@@ -380,16 +489,76 @@ class LibraryService:
                 "stats": [{"name": s.name, "lo": s.lo, "hi": s.hi, "doc": s.doc} for s in color.STATS],
                 "regions": list(color.REGION_NAMES)}
 
-    def _encoder(self, identity: ClipIdentity) -> CachedTextEncoder:
+    def _model(self, identity: ClipIdentity) -> Any:
         with self._encoder_lock:  # one load per identity, even when two first requests race
+            model = self._models.get(identity)
+            if model is None:
+                if self._load_encoder is None:
+                    raise QueryError(f"No CLIP encoder is available for {identity.describe()}.")
+                model = self._models[identity] = self._load_encoder(identity)
+            return model
+
+    def _encoder(self, identity: ClipIdentity) -> CachedTextEncoder:
+        inner = self._model(identity)
+        with self._encoder_lock:
             enc = self._encoders.get(identity)
             if enc is None:
-                if self._load_encoder is None:
-                    raise QueryError(f"No CLIP text encoder is available for {identity.describe()}.")
-                inner = self._load_encoder(identity)
                 enc = CachedTextEncoder(ShortTextEncoder(inner) if ShortTextEncoder.applies(inner) else inner)
                 self._encoders[identity] = enc
             return enc
+
+    # -- uploaded examples ("like this image")
+    def add_example(self, data: bytes) -> dict[str, Any]:
+        """Decode and keep an uploaded example image; answers its handle. Raises QueryError for a bad upload."""
+        ident = hashlib.sha256(data).hexdigest()[:EXAMPLE_ID_LEN] if data else ""
+        with self._lock:
+            ex = self._examples.get(ident)
+            if ex is not None:
+                self._examples.move_to_end(ident)
+        if ex is None:
+            ex = decode_example(data)
+            with self._lock:
+                self._examples[ex.id] = ex
+                while len(self._examples) > EXAMPLE_CACHE:
+                    self._examples.popitem(last=False)
+        return {"id": ex.id, "width": ex.width, "height": ex.height, "format": ex.format}
+
+    def _example(self, ident: str) -> Example:
+        with self._lock:
+            ex = self._examples.get(ident)
+            if ex is not None:
+                self._examples.move_to_end(ident)
+                return ex
+        raise ExampleGoneError(f"Request field 'like_image.id' names example {ident!r}, which this server no longer "
+                               "keeps (it keeps the last few uploads; a restart forgets them). Upload the image again.")
+
+    def _example_embedding(self, ex: Example, identity: ClipIdentity) -> np.ndarray:
+        emb = ex.embeddings.get(identity)
+        if emb is None:
+            model = self._model(identity)
+            if not callable(getattr(model, "encode_images", None)) or getattr(model, "preprocess", None) is None:
+                raise QueryError(f"The CLIP model {identity.describe()} has no image encoder here; "
+                                 "'like this image' needs one.")
+            emb = encode_example_image(model, ex.image)
+            if emb.shape != (identity.dim,) or not np.isfinite(emb).all():
+                raise QueryError(f"The CLIP image encoder gave an embedding of shape {emb.shape} for the example; "
+                                 f"the library's CLIP {identity.describe()} has {identity.dim} dimensions.")
+            ex.embeddings[identity] = emb  # one embedding per model and example; a race only repeats the work
+        return emb
+
+    def _with_like_image(self, lib: Library, query: Query, like: LikeImage) -> tuple[Query, list[str]]:
+        """The example as a CLIP image target (library with CLIP) and as a colour layout target (current colour
+        features): the same two representations every library entry has. Returns the query and what was used."""
+        ex = self._example(like.id)
+        used = []
+        feats = lib.features
+        if feats.clip is not None:
+            query = replace(query, image_embedding=self._example_embedding(ex, feats.clip), image_weight=like.weight)
+            used.append("clip")
+        if feats.color_version == color.COLOR_VERSION:
+            query = replace(query, layout=ex.layout, layout_weight=like.weight)
+            used.append("colour")
+        return query, used
 
     # -- queries
     def query(self, body: Any) -> dict[str, Any]:
@@ -406,6 +575,13 @@ class LibraryService:
             query = req.query
             if req.like is not None:
                 query = _with_like(lib, query, req.like, req.library)
+            example_by: list[str] = []
+            if req.like_image is not None:
+                query, example_by = self._with_like_image(lib, query, req.like_image)
+                if not example_by:
+                    raise QueryError(f"Library {req.library!r} has neither CLIP features nor current colour features, "
+                                     "so it cannot compare an example image. Upgrade it with `python -m "
+                                     "noisequery_core upgrade --library <folder>`.")
             if query.has_clip_terms and lib.features.clip is None:
                 raise QueryError(f"Library {req.library!r} is colour-only (built with CLIP model 'none'): it cannot answer "
                                  "text or 'like this' queries by CLIP. Use colours, statistics and regions.")
@@ -434,6 +610,8 @@ class LibraryService:
                 "hits": [_hit_json(h, req.offset + i) for i, h in enumerate(page)],
                 "has_more": req.offset + req.limit < (len(hits) if exhausted else min(lib.count, RANK_MAX)),
                 "cached": cached,
+                # how an uploaded example was compared ("clip", "colour"): the panel says which was used
+                "example_by": example_by,
                 "elapsed_ms": round((time.perf_counter() - t0) * 1000, 2),
             }
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import COLOR_WORDS, FakeEmbedder
 from helpers_lib import make_library, rows
+from PIL import Image
 
 from noisequery_core.errors import LibraryError, QueryError
 from noisequery_core.library.manifest import ClipIdentity, FeatureSet, GenerationKey
@@ -93,3 +95,100 @@ def test_short_text_encoding_equals_open_clips(tiny_clip) -> None:  # type: igno
     assert short._ok  # the first-use check against the full encoder passed
     assert np.allclose(got, tiny_clip.encode_text(texts), atol=1e-5)
     assert np.allclose(short.encode_text(texts[:1]), tiny_clip.encode_text(texts[:1]), atol=1e-5)
+
+
+# ---------------------------------------------------------------- "like this image": uploaded examples
+
+
+class ImageEmbedder(FakeEmbedder):
+    """A fake CLIP with an image path: an image's embedding is its mean colour per quarter (deterministic)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.images = 0
+
+    def preprocess(self, image: Image.Image) -> np.ndarray:
+        return np.asarray(image.convert("RGB").resize((2, 2), Image.Resampling.BOX), np.float32).reshape(-1)
+
+    def encode_images(self, pixels: np.ndarray) -> np.ndarray:
+        self.images += len(pixels)
+        v = np.zeros((len(pixels), self.dim), np.float32)
+        v[:, :12] = pixels / 255.0
+        v[:, 12] = 1.0
+        return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def _pictures() -> list[Image.Image]:
+    """Five pictures that differ in colour and where the colour is (left/right halves)."""
+    pairs = [("#d02010", "#1040c0"), ("#10a040", "#f0e0d0"), ("#202020", "#f0c020"), ("#f0c020", "#202020"),
+             ("#8040c0", "#40c0c0")]
+    out = []
+    for left, right in pairs:
+        im = Image.new("RGB", (96, 64), left)
+        im.paste(Image.new("RGB", (48, 64), right), (48, 0))
+        out.append(im)
+    return out
+
+
+def _image_library(path: Path, with_clip: bool) -> list[bytes]:
+    """A library whose entries are _pictures() (seeds 10..14), features computed as a build computes them."""
+    pics = _pictures()
+    feats = color.analyse(pics)
+    cols = {name: getattr(feats, name) for name, _, _ in color.COLUMNS_BY_VERSION[color.COLOR_VERSION]}
+    clip = ClipIdentity("fake", "v1", FakeEmbedder.dim) if with_clip else None
+    if with_clip:
+        emb = ImageEmbedder()
+        cols["clip"] = emb.encode_images(np.stack([emb.preprocess(p) for p in pics])).astype(np.float16)
+    lib = Library.create(path, GenerationKey(model="m"), FeatureSet(clip=clip, color_version=color.COLOR_VERSION))
+    with lib.writer(durable=False) as w:
+        w.append(np.arange(10, 15, dtype=np.uint64), cols)
+    uploads = []
+    for p in pics:
+        buf = io.BytesIO()
+        p.save(buf, "PNG")
+        uploads.append(buf.getvalue())
+    return uploads
+
+
+@pytest.mark.parametrize("with_clip", [True, False], ids=["clip", "colour-only"])
+def test_an_uploaded_image_finds_its_own_entry(tmp_path: Path, with_clip: bool) -> None:
+    root = tmp_path / "noise_libraries"
+    uploads = _image_library(root / "pics", with_clip)
+    enc = ImageEmbedder()
+    svc = LibraryService(lambda: [root], lambda ident: enc)
+    for i, data in enumerate(uploads):
+        ex = svc.add_example(data)
+        assert (ex["width"], ex["height"], ex["format"]) == (96, 64, "PNG")
+        got = svc.query({"library": "pics", "like_image": {"id": ex["id"]}, "limit": 5})
+        assert got["hits"][0]["seed"] == str(10 + i), (i, got["hits"])
+        assert got["example_by"] == (["clip", "colour"] if with_clip else ["colour"])
+        assert ("image" in got["hits"][0]["terms"]) is with_clip and "layout" in got["hits"][0]["terms"]
+    # combined with another term, and embedded once per example and model (not again per page or keystroke)
+    ex = svc.add_example(uploads[2])
+    svc.query({"library": "pics", "like_image": {"id": ex["id"], "weight": 2}, "colors": [{"color": "#f0c020"}]})
+    svc.query({"library": "pics", "like_image": {"id": ex["id"]}, "limit": 2, "offset": 2})
+    assert enc.images == (5 if with_clip else 0)
+
+
+def test_bad_uploads_are_refused_with_a_reason(tmp_path: Path) -> None:
+    root = tmp_path / "noise_libraries"
+    uploads = _image_library(root / "pics", True)
+    svc = LibraryService(lambda: [root], lambda ident: ImageEmbedder())
+    big, bomb = io.BytesIO(), io.BytesIO()
+    Image.new("1", (12_000, 6_000)).save(big, "PNG")  # a small file, 72 megapixels when decoded
+    Image.new("1", (20_000, 20_000)).save(bomb, "PNG")  # 400 megapixels: past Pillow's own bomb limit too
+    gif = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(gif, "GIF")
+    for data, word in [(b"", "empty"), (b"hello, not an image", "not an image"), (uploads[0][: len(uploads[0]) // 2], "truncated"),
+                       (big.getvalue(), "megapixels"), (bomb.getvalue(), "too large"), (gif.getvalue(), "not an image"),
+                       (b"\x89PNG" + b"0" * (8 * 1024 * 1024), "at most")]:
+        with pytest.raises(QueryError, match=word):
+            svc.add_example(data)
+    ok = svc.add_example(uploads[0])["id"]
+    for body, word in [({"library": "pics", "like_image": {"id": "../../etc/passwd"}}, "not an example handle"),
+                       ({"library": "pics", "like_image": {"id": "0" * 32}}, "Upload the image again"),
+                       ({"library": "pics", "like_image": {"id": ok, "weight": float("nan")}}, "like_image.weight"),
+                       ({"library": "pics", "like_image": {"id": ok}, "like": {"seed": 10}}, "one example"),
+                       ({"library": "pics", "like_image": ok}, "JSON object")]:
+        with pytest.raises(QueryError, match=word):
+            svc.query(body)
