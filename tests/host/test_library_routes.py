@@ -116,6 +116,67 @@ def test_thumbnail_is_the_stored_file(comfy_server: ComfyServer, libs: Path) -> 
     assert r.status_code == 404 and "999999" in r.json()["error"]
 
 
+def _upload(server: ComfyServer, data: bytes, content_type: str = "image/webp") -> Any:
+    return server._http().post(f"{server.url}/noisequery/example", data=data, headers={"Content-Type": content_type},
+                               timeout=60)
+
+
+@pytest.mark.parametrize("lib,seeds,by", [pytest.param(CLIP_LIB, CLIP_SEEDS, ["clip", "colour"], id="clip"),
+                                          pytest.param(COLOUR_LIB, COLOUR_SEEDS, ["colour"], id="colour-only")])
+def test_like_an_uploaded_image(comfy_server: ComfyServer, libs: Path, lib: str, seeds: list[int], by: list[str]) -> None:
+    # the entry's own thumbnail, uploaded as a user's file: the entry must come first
+    for seed in (seeds[1], seeds[-1]):
+        data = (libs / lib / "thumbs" / f"{seed}.webp").read_bytes()
+        up = _upload(comfy_server, data)
+        assert up.status_code == 200, up.text[:500]
+        ex = up.json()
+        assert ex["format"] == "WEBP" and ex["width"] > 0 and len(ex["id"]) == 32
+        r = _post(comfy_server, {"library": lib, "like_image": {"id": ex["id"]}, "limit": 3}, api=True)
+        assert r.status_code == 200, r.text[:500]
+        got = r.json()
+        assert got["hits"][0]["seed"] == str(seed), got["hits"]
+        assert got["example_by"] == by and ("image" in got["hits"][0]["terms"]) is ("clip" in by)
+    # combined with a colour term; the same bytes give the same handle
+    assert _upload(comfy_server, data).json()["id"] == ex["id"]
+    r = _post(comfy_server, {"library": lib, "like_image": {"id": ex["id"], "weight": 2}, "colors": [{"color": "#ff8800"}]})
+    assert r.status_code == 200 and len(r.json()["hits"][0]["terms"]) == len(by) + 1, r.text[:500]
+
+
+def _png(size: tuple[int, int], mode: str = "RGB") -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new(mode, size, 0).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_bad_uploads_are_refused_with_a_message(comfy_server: ComfyServer, libs: Path) -> None:
+    thumb = (libs / CLIP_LIB / "thumbs" / f"{CLIP_SEEDS[0]}.webp").read_bytes()
+    photo = _png((64, 64))
+    for data, kind, word in [
+        (b"<html>not an image</html>", "image/png", "not an image"),
+        (thumb[: len(thumb) // 2], "image/webp", "cannot be decoded"),
+        (_png((15_000, 5_000), "1"), "image/png", "megapixels"),
+        (_png((20_000, 20_000), "1"), "image/png", "too large"),
+        (b"\x89PNG" + b"\0" * (8 * 1024 * 1024), "image/png", "8 MB"),
+        (photo, "application/json", "Content-Type"),
+        (photo, "text/plain", "Content-Type"),
+        (b"", "image/png", "empty"),
+    ]:
+        r = _upload(comfy_server, data, kind)
+        assert r.status_code == 400, f"{kind} {len(data)}: {r.status_code} {r.text[:300]}"
+        assert word in r.json()["error"], r.json()["error"]
+        _still_serving(comfy_server)
+    # a handle the server never gave (or forgot): 400 with a code the panel acts on (it uploads again)
+    r = _post(comfy_server, {"library": CLIP_LIB, "like_image": {"id": "0" * 32}})
+    assert r.status_code == 400 and r.json()["code"] == "example_gone" and "again" in r.json()["error"]
+    r = _post(comfy_server, {"library": CLIP_LIB, "like_image": {"id": "../../etc/passwd"}})
+    assert r.status_code == 400 and "handle" in r.json()["error"]
+    _still_serving(comfy_server)
+
+
 # ------------------------------------------------------------------------------------------- bad requests
 
 BAD_QUERIES: list[tuple[str, Any, str]] = [
