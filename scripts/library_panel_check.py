@@ -249,6 +249,30 @@ def check_renderer(page: mk.Page, server: comfy_harness.ComfyServer, libs: Path,
     if shots is not None and renderer == "classic":
         page.settle(800)
         page.screenshot(shots / "library_panel_use_query.png")
+    check_example_upload(page, libs, renderer, failures)
+
+
+def check_example_upload(page: mk.Page, libs: Path, renderer: str, failures: list[str]) -> None:
+    """'upload image' with an entry's own thumbnail (text and colour cleared) → that entry first; × removes it."""
+    page.js("() => { for (const i of document.querySelectorAll('.nq-lib-text, .nq-lib-color')) {"
+            " i.value = ''; i.dispatchEvent(new Event('input')); } }")
+    want = str(SEEDS[5])
+    page.page.locator(".nq-lib-example-file").set_input_files(str(libs / LIBRARY / "thumbs" / f"{want}.webp"))
+    try:
+        page.page.wait_for_function("(s) => document.querySelector('.nq-lib-hit')?.dataset.seed === s"
+                                    " && /example compared by CLIP \\+ colour layout/.test("
+                                    "document.querySelector('.nq-lib-status')?.textContent ?? '')", arg=want, timeout=30_000)
+    except Exception as exc:
+        failures.append(f"{renderer}: uploaded seed {want}'s thumbnail as the example: first hits "
+                        f"{[h['seed'] for h in hits(page)[:3]]}, status {status(page)!r} ({exc.__class__.__name__})")
+        return
+    if not page.js("() => (document.querySelector('.nq-lib-example-thumb')?.naturalWidth ?? 0) > 0"):
+        failures.append(f"{renderer}: the uploaded example's thumbnail is not shown")
+        return
+    page.page.locator(".nq-lib-example-remove").click()
+    page.page.wait_for_function("() => !document.querySelector('.nq-lib-example-thumb')"
+                                " && document.querySelectorAll('.nq-lib-hit').length === 0", timeout=15_000)
+    log(f"{renderer}: uploaded an entry's thumbnail as the example → that entry first (CLIP + colour), removed again")
 
 
 def main() -> int:

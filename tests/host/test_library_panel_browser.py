@@ -5,7 +5,8 @@ builds a 12-entry library (CLIP ViT-B-32 with random weights) and drives the pag
 Nodes 2.0: open the tab, pick the library, type a text, see the thumbnails; select the KSampler and click a hit →
 its seed (control_after_generate fixed); drag a hit onto the KSampler → its seed; add a colour and press "use
 query" on hit #3 → Noise Query (Text) + (Colour) nodes with rank_offset 3 feeding the KSampler's seed; Run → the
-image equals the library's thumbnail of that seed (encoded the same way) and no other entry's. Runs once per
+image equals the library's thumbnail of that seed (encoded the same way) and no other entry's; "upload image" with
+an entry's thumbnail → that entry first, shown and removable. Runs once per
 frontend (`frontend` fixture: the pinned comfyui-frontend-package, and the newest one through --front-end-root).
 Skipped without a ComfyUI checkout, Debian's /usr/bin/chromium or the playwright package (in CI a skip is a
 failure: tests/conftest.py).
@@ -35,6 +36,7 @@ CHECKS = [
     "dragged hit #2 onto the KSampler → seed",
     "'use this query' on hit #3 → NoiseQueryText(rank_offset 3) + NoiseQueryColor feeding the KSampler seed",
     "Run → image equals the library entry of seed",
+    "uploaded an entry's thumbnail as the example → that entry first",
 ]
 
 

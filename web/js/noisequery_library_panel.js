@@ -1,7 +1,8 @@
 // Noise Libraries sidebar tab: browse a seed library in the page and take a seed into the workflow.
 // Talks only to the pack's routes (nodes/server_routes.py → noisequery_core/search/service.py: request fields,
 // limits and error messages are defined there): GET /noisequery/libraries, POST /noisequery/query (pages of 48),
-// GET /noisequery/thumbnail?library=…&seed=…. A click on a hit writes its seed into the selected node's seed
+// GET /noisequery/thumbnail?library=…&seed=…, POST /noisequery/example (an uploaded "like this image" example:
+// its bytes → a handle the query names as like_image; the server may forget it, then it is uploaded again). A click on a hit writes its seed into the selected node's seed
 // widget (control_after_generate → fixed); dragging a hit onto a node does the same for that node; "use this
 // query" writes the query into Noise Query nodes (widget names of nodes/search_nodes.py) with rank_offset = the
 // hit's rank, so the choice is saved with the workflow and reproduces headless.
@@ -17,11 +18,14 @@ const DRAG_TYPE = "application/x-noisequery-hit";
 const SEED_WIDGETS = ["seed", "noise_seed", "seed_a", "seed_b"];
 // The statistics the Noise Query (Colour) node has inputs for (its stats_weight is shared, as here).
 const NODE_STATS = ["brightness", "contrast", "saturation", "colorfulness", "sharpness"];
-const PANEL_PROP = "noisequery_panel_query"; // marks the query nodes "use this query" made, to update them later
+const PANEL_PROP = "noisequery_panel_query";
+// = search/service.py EXAMPLE_FORMATS / EXAMPLE_BYTES_MAX (the server refuses anything else with a message)
+const EXAMPLE_TYPES = ["image/png", "image/jpeg", "image/webp"];
+const EXAMPLE_BYTES_MAX = 8 * 1024 * 1024; // marks the query nodes "use this query" made, to update them later
 
 const state = {
   libraries: [], stats: [], regions: [], library: null, hits: [], hasMore: false, offset: 0,
-  seq: 0, controller: null, timer: null, like: null, root: null, els: {},
+  seq: 0, controller: null, timer: null, like: null, example: null, root: null, els: {},
 };
 
 // ------------------------------------------------------------------ small helpers
@@ -87,11 +91,12 @@ function readQuery() {
     }
   }
   if (state.like) q.like = { seed: state.like, weight: 1.0 };
+  else if (state.example) q.like_image = { id: state.example.id, weight: Number(e.exampleWeight.value) };
   return q;
 }
 
 function isEmptyQuery(q) {
-  return !(q.text || q.negative_text || q.colors || q.stats || q.regions || q.like);
+  return !(q.text || q.negative_text || q.colors || q.stats || q.regions || q.like || q.like_image);
 }
 
 // ------------------------------------------------------------------ searching
@@ -123,7 +128,14 @@ async function search(offset) {
       headers: { "Content-Type": "application/json" }, signal: controller.signal });
     const body = await r.json();
     if (seq !== state.seq) return;
+    if (!r.ok && body.code === "example_gone" && state.example && !state.example.retried) {
+      // the server forgot the upload (restart, or many uploads since): send the file again, once, and re-ask
+      state.example.retried = true;
+      if (await sendExample(state.example.file)) search(offset);
+      return;
+    }
     if (!r.ok) { setStatus(body.error ?? `HTTP ${r.status}`, true); if (offset === 0) { state.hits = []; renderHits(true); } return; }
+    if (state.example) state.example.retried = false; // answered: a later expiry may upload it again
     // a deeper search of a large (ANN-indexed) library can reorder the margin: never show a seed twice
     const shown = new Set(offset === 0 ? [] : state.hits.map((x) => x.seed));
     const added = body.hits.filter((x) => !shown.has(x.seed));
@@ -132,7 +144,9 @@ async function search(offset) {
     state.offset = offset + body.hits.length;
     state.lastQuery = q;
     renderHits(offset === 0, added);
-    setStatus(`${state.hits.length}${state.hasMore ? "+" : ""} of ${body.count} entries · ${body.elapsed_ms} ms`);
+    const by = (body.example_by ?? []).map((b) => (b === "clip" ? "CLIP" : "colour layout")).join(" + ");
+    setStatus(`${state.hits.length}${state.hasMore ? "+" : ""} of ${body.count} entries · ${body.elapsed_ms} ms`
+      + (by ? ` · example compared by ${by}` : ""));
   } catch (err) {
     if (err?.name !== "AbortError" && seq === state.seq) setStatus(`Search failed: ${err}`, true);
   } finally {
@@ -272,6 +286,7 @@ function installDrop() {
 function nodePlan(q, rank) {
   const problems = [];
   if (q.like) problems.push("'more like this'");
+  if (q.like_image) problems.push("an uploaded example image (give it to the Noise Query (Colour) node's layout_image instead)");
   if (q.stats?.some((s) => s.target == null)) problems.push("statistic ranges (the node takes targets)");
   if (q.stats?.some((s) => !NODE_STATS.includes(s.name))) problems.push("statistics the node has no input for");
   if ((q.regions?.length ?? 0) > 1) problems.push("more than one region");
@@ -369,6 +384,7 @@ function sendToVariations(hit) {
 
 function moreLikeThis(hit) {
   state.like = hit.seed;
+  clearExample();
   const e = state.els;
   e.text.value = ""; e.negative.value = "";
   for (const c of e.colors) c.hex.value = "";
@@ -383,9 +399,59 @@ function moreLikeThis(hit) {
 function renderLike() {
   const e = state.els.like;
   e.replaceChildren();
-  if (!state.like) return;
-  e.append(h("span", { textContent: `like seed ${state.like} ` }),
-    h("button", { textContent: "×", title: "Stop searching by this entry", onclick: () => { state.like = null; renderLike(); schedule(); } }));
+  if (state.like) {
+    e.append(h("span", { textContent: `like seed ${state.like} ` }),
+      h("button", { textContent: "×", title: "Stop searching by this entry", onclick: () => { state.like = null; renderLike(); schedule(); } }));
+  }
+  const x = state.example;
+  state.els.exampleBox.replaceChildren(...(x ? [
+    h("img", { src: x.url, alt: "example image", className: "nq-lib-example-thumb", title: `${x.name} (${x.width}×${x.height})`,
+      style: { width: "40px", height: "40px", objectFit: "cover", borderRadius: "3px" } }),
+    h("span", { textContent: "like this image", style: { flex: "1" } }), state.els.exampleWeight,
+    h("button", { textContent: "×", title: "Remove the example image", className: "nq-lib-example-remove",
+      onclick: () => { clearExample(); renderLike(); schedule(); } }),
+  ] : [state.els.exampleButton, h("span", { textContent: "or drop an image here", style: { opacity: "0.7" } })]));
+}
+
+// ------------------------------------------------------------------ "like this image": an uploaded example
+
+function clearExample() {
+  if (state.example) URL.revokeObjectURL(state.example.url);
+  state.example = null;
+}
+
+// POST the file's bytes; on success it becomes the example (the server's handle + a local preview). True if sent.
+async function sendExample(file) {
+  if (!EXAMPLE_TYPES.includes(file.type)) {
+    setStatus(`${file.name}: not a PNG, JPEG or WebP image (${file.type || "unknown type"}).`, true);
+    return false;
+  }
+  if (file.size > EXAMPLE_BYTES_MAX) {
+    setStatus(`${file.name} is ${(file.size / 1048576).toFixed(1)} MB; example images may be at most 8 MB.`, true);
+    return false;
+  }
+  try {
+    const r = await api.fetchApi("/noisequery/example", { method: "POST", body: file, headers: { "Content-Type": file.type } });
+    const body = await r.json();
+    if (!r.ok) { setStatus(`${file.name}: ${body.error ?? `HTTP ${r.status}`}`, true); return false; }
+    const retried = state.example?.file === file && state.example.retried;
+    clearExample();
+    state.example = { id: body.id, file, name: file.name, width: body.width, height: body.height, retried,
+      url: URL.createObjectURL(file) };
+    return true;
+  } catch (err) {
+    setStatus(`Uploading ${file.name} failed: ${err}`, true);
+    return false;
+  }
+}
+
+async function useExampleFile(file) {
+  if (!file) return;
+  setStatus(`uploading ${file.name}…`);
+  if (!(await sendExample(file))) return;
+  state.like = null; // one example at a time: a hit or an uploaded image
+  renderLike();
+  search(0);
 }
 
 function colorRow(hex = "#ff8800", weight = 1) {
@@ -472,6 +538,25 @@ function build() {
   e.regionLight = h("input", { type: "text", size: 5, placeholder: "0..1", title: "The region's lightness, 0 (black) .. 1 (white); empty: off", oninput: schedule });
   e.regionWeight = num(1, "Weight of the region terms");
   e.like = h("div", { className: "nq-lib-like", style: { fontSize: "11px" } });
+  const fileInput = h("input", { type: "file", accept: EXAMPLE_TYPES.join(","), className: "nq-lib-example-file",
+    style: { display: "none" }, onchange: () => { useExampleFile(fileInput.files?.[0]); fileInput.value = ""; } });
+  e.exampleButton = h("button", { textContent: "upload image", className: "nq-lib-example-upload",
+    title: "Search for entries like an image of yours (PNG, JPEG or WebP, at most 8 MB): by CLIP where the library "
+      + "has it, and by colour layout", onclick: () => fileInput.click() });
+  e.exampleWeight = num(1, "Weight of the example image");
+  e.exampleBox = h("div", { className: "nq-lib-example", title: "Drop an image here to search for entries like it",
+    style: { display: "flex", gap: "4px", alignItems: "center", fontSize: "11px", padding: "2px",
+      border: "1px dashed rgba(128,128,128,.5)", borderRadius: "4px" } });
+  // a dropped file: handled here and stopped, so ComfyUI does not also open it as a workflow
+  e.exampleBox.addEventListener("dragover", (ev) => {
+    if (ev.dataTransfer?.types?.includes("Files")) { ev.preventDefault(); ev.stopPropagation(); ev.dataTransfer.dropEffect = "copy"; }
+  });
+  e.exampleBox.addEventListener("drop", (ev) => {
+    if (!ev.dataTransfer?.files?.length) return;
+    ev.preventDefault();
+    ev.stopPropagation();
+    useExampleFile(ev.dataTransfer.files[0]);
+  });
   e.colorBox = h("div", { style: { display: "flex", flexDirection: "column", gap: "4px" } },
     e.colorRows, h("div", {}, addColor),
     h("details", {}, h("summary", { textContent: "statistics" }),
@@ -496,7 +581,8 @@ function build() {
     row(e.library, h("button", { textContent: "⟳", title: "Reload the library list", onclick: loadLibraries })),
     e.info, e.notes,
     row(e.text, e.textWeight), row(e.negative, e.negWeight),
-    e.colorBox, e.like, e.status, e.scroll);
+    e.exampleBox, fileInput, e.colorBox, e.like, e.status, e.scroll);
+  renderLike();
   const first = colorRow("", 1);
   first.picker.value = "#ff8800";
   e.colors.push(first);
