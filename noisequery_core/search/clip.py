@@ -117,6 +117,61 @@ class ClipEmbedder:
         return _normalise(feats.float().cpu().numpy())
 
 
+class ShortTextEncoder:
+    """open_clip's CLIP text tower run only over the tokens up to the longest text's end token.
+
+    CLIP's text transformer is causal: position i attends to positions ≤ i only, and the embedding is read at the
+    end-of-text token, so the padding after it (77 positions in all, a short query uses ~8) changes nothing but
+    costs most of the time. The result equals ``encode_text`` (checked against it on first use; any other
+    model, pooling or a mismatch falls back to the full encoder, logged).
+    """
+
+    def __init__(self, inner: Any):
+        self.inner = inner
+        self.identity = inner.identity
+        self._checked = False
+        self._ok = True
+
+    @staticmethod
+    def applies(enc: Any) -> bool:
+        m = getattr(enc, "model", None)
+        return (getattr(enc, "tokenizer", None) is not None and getattr(m, "attn_mask", None) is not None
+                and getattr(m, "text_pool_type", None) == "argmax"
+                and all(hasattr(m, a) for a in ("token_embedding", "positional_embedding", "transformer", "ln_final")))
+
+    def _short(self, texts: list[str]) -> np.ndarray:
+        import torch
+
+        m, dev = self.inner.model, self.inner.device
+        tokens = self.inner.tokenizer(list(texts)).to(dev)
+        end = tokens.argmax(dim=-1)  # the end-of-text token has the largest id (what 'argmax' pooling reads)
+        n = int(end.max()) + 1
+        # the same precision and normalisation as ClipEmbedder.encode_text
+        with torch.inference_mode(), _autocast(dev):
+            cast = m.transformer.get_cast_dtype()
+            x = m.token_embedding(tokens[:, :n]).to(cast) + m.positional_embedding[:n].to(cast)
+            x = m.ln_final(m.transformer(x, attn_mask=m.attn_mask[:n, :n]))
+            x = x[torch.arange(x.shape[0], device=x.device), end]
+            proj = m.text_projection
+            if proj is not None:
+                x = proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
+        return _normalise(x.float().cpu().numpy())
+
+    def encode_text(self, texts: list[str]) -> np.ndarray:
+        if not self._ok:
+            return self.inner.encode_text(texts)
+        out = self._short(texts)
+        if not self._checked:
+            self._checked = True
+            full = self.inner.encode_text(texts)
+            if not np.allclose(out, full, atol=1e-3):
+                log.warning("short text encoding differs from open_clip's (%.2g); using the full 77-token encoder",
+                            float(np.abs(out - full).max()))
+                self._ok = False
+                return full
+        return out
+
+
 def _autocast(device: str) -> Any:
     import contextlib
 

@@ -86,7 +86,7 @@ def test_refusals_name_the_field(roots: Path) -> None:
 
 
 def test_short_text_encoding_equals_open_clips(tiny_clip) -> None:  # type: ignore[no-untyped-def]
-    from noisequery_core.search.service import ShortTextEncoder
+    from noisequery_core.search.clip import ShortTextEncoder
 
     assert ShortTextEncoder.applies(tiny_clip) and not ShortTextEncoder.applies(FakeEmbedder())
     short = ShortTextEncoder(tiny_clip)
