@@ -9,6 +9,7 @@ from __future__ import annotations
 from . import _host
 from .directions_nodes import NOISECLR_NODES
 from .exploration_rank_nodes import NoiseQueryRank
+from .exploration_refine_nodes import NoiseQueryRefine
 from .exploration_variation_nodes import NoiseQueryVariantPicker, NoiseQueryVariations
 from .exploration_walk_nodes import NoiseQueryConditioningInterpolate, NoiseQuerySeedGrid, NoiseQuerySeedSlerp
 from .guidance_nodes import HighlightScribbleGuide, NoiseQueryHighlightMask
@@ -21,6 +22,6 @@ NODE_CLASSES: list[type] = [
     BuildNoiseLibrary, NoiseQueryText, NoiseQueryColor, NoiseQueryLibraryInfo,  # library and queries
     HighlightScribbleGuide, NoiseQueryHighlightMask,  # guide
     NoiseQuerySeedSlerp, NoiseQuerySeedGrid, NoiseQueryConditioningInterpolate,  # infinite index
-    NoiseQueryVariations, NoiseQueryVariantPicker, NoiseQueryRank,
+    NoiseQueryVariations, NoiseQueryVariantPicker, NoiseQueryRank, NoiseQueryRefine,
     *NOISECLR_NODES,  # NoiseCLR
 ]

@@ -33,6 +33,7 @@ was not finished (then there is nothing to return and Cancelled propagates).
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -44,8 +45,9 @@ import torch
 from ..checks import finite
 from ..errors import Cancelled, NoiseQueryError
 from ..work import CheckCancel, Progress, never_cancel, no_progress
-from .explore import STRENGTH_MAX, History, Pick, derive_seed, step_noise
+from .explore import STRENGTH_MAX, History, HistoryError, Pick, derive_seed, step_noise
 
+CALIBRATION_KEY = "refine_metric"  # extra history key: a mixed metric's frozen {part: [center, scale]}
 MAX_BUDGET = 4096
 MAX_BATCH = 64
 RESTARTS = 2  # the budget's planned rounds hold this many full strength cycles of failed rounds
@@ -194,6 +196,45 @@ class RefineResult:
             if self.best_index < len(values):
                 lines.append(f"  {name}: start {values[0]:.5g}, best {values[self.best_index]:.5g}")
         return "\n".join(lines)
+
+
+def history_json(history: History, metric: Metric) -> str:
+    """The history as JSON, with a mixed metric's frozen calibration under CALIBRATION_KEY.
+
+    Readers of the explorer's format ignore the extra key; a replay reads it back (restore_calibration) so the
+    replayed render gets the score the walk gave it.
+    """
+    if len(metric.weights) == 1 or not metric.scale:
+        return history.to_json()
+    doc = json.loads(history.to_json())
+    doc[CALIBRATION_KEY] = {n: [metric.center[n], metric.scale[n]] for n in metric.weights}
+    return json.dumps(doc, separators=(",", ":"))
+
+
+def restore_calibration(text: str, metric: Metric) -> bool:
+    """Freeze ``metric`` with the calibration a history carries; False when it carries none for these parts.
+
+    Raises HistoryError for a calibration that is not finite numbers with positive scales (a damaged history).
+    """
+    if len(metric.weights) == 1:
+        return True
+    try:
+        doc = json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        return False  # History.parse reports unreadable text
+    cal = doc.get(CALIBRATION_KEY) if isinstance(doc, dict) else None
+    if not isinstance(cal, dict) or set(cal) != set(metric.weights):
+        return False
+    center, scale = {}, {}
+    fix = "the history is damaged; clear it to search again."
+    for name, pair in cal.items():
+        if not isinstance(pair, list) or len(pair) != 2:
+            raise HistoryError(f"refine history: the calibration of {name!r} is {pair!r}, not [center, scale]; {fix}")
+        center[name] = finite(pair[0], f"refine history: the center of {name!r}", fix=fix, error=HistoryError)
+        scale[name] = finite(pair[1], f"refine history: the scale of {name!r}", lo=1e-300, fix=fix,
+                             error=HistoryError)
+    metric.center, metric.scale = center, scale
+    return True
 
 
 def replay(start: torch.Tensor, picks: Sequence[Pick]) -> torch.Tensor:

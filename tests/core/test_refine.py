@@ -3,6 +3,7 @@ budget respected, Interrupt keeps the best, bit-for-bit replay; the render metri
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -290,3 +291,27 @@ def test_curve_image() -> None:
     assert im.shape == (100, 200, 3) and im.dtype == np.uint8
     assert (im == np.array([255, 150, 40], np.uint8)).all(-1).any()  # the best-so-far line is drawn
     assert curve_image([1.0], [1.0]).shape == (256, 512, 3)
+
+
+def test_a_mixed_metric_calibration_travels_with_the_history() -> None:
+    from noisequery_core.exploration.explore import HistoryError
+    from noisequery_core.exploration.refine import CALIBRATION_KEY, history_json, restore_calibration
+
+    start, h = start_of(5)
+
+    def two(renders: list[torch.Tensor]) -> dict[str, np.ndarray]:
+        return {"cos": cosine_parts(renders)["cos"], "mean": np.array([float(x.mean()) for x in renders])}
+
+    m = Metric({"cos": 1.0, "mean": 0.5})
+    res = refine(start, h, FakeRenderer(), two, m, RefineSettings(budget=13))
+    text = history_json(res.history, m)
+    assert History.parse(text, 5) == res.history  # still the explorer's format
+    again = Metric({"cos": 1.0, "mean": 0.5})
+    assert restore_calibration(text, again) and again.calibrated
+    assert float(again.combine(two([res.best_noise]))[0]) == pytest.approx(res.best_score, abs=1e-12)
+    assert not restore_calibration(text, Metric({"cos": 1.0, "other": 1.0}))  # other parts: nothing to restore
+    assert history_json(res.history, Metric({"cos": 1.0})) == res.history.to_json()
+    bad = json.loads(text)
+    bad[CALIBRATION_KEY]["cos"] = [0.0, -1.0]
+    with pytest.raises(HistoryError, match="scale"):
+        restore_calibration(json.dumps(bad), Metric({"cos": 1.0, "mean": 0.5}))

@@ -1,0 +1,218 @@
+#!/usr/bin/env python3
+"""Retrieve, then refine: NoiseQueryRefine vs best-of-N random seeds vs library top-1, at equal numbers of renders.
+
+    .venv/bin/python bench/bench_refine.py                  # tiny random SD1.5, CPU, 64x64, 4 euler steps (~10 min here)
+    .venv/bin/python bench/bench_refine.py --quick          # 3 targets, 2 starts, budgets 8,16 (smoke run)
+
+ComfyUI is booted in-process (scripts/noiseclr_train.py: boot) with this repo as the pack; every render goes
+through the Refine node's own renderer (nodes/exploration_refine_nodes.NoiseRenderer: KSampler's path, batched),
+and every score through the node's metric (noisequery_core/exploration/refine_metric: the library's query terms
+computed on the render). The tiny model's weights are random, so only metrics computed on the render mean
+something: brightness targets, the share of a colour, region lightness, and the 8x8 colour layout of an example.
+
+For each target (a one-term query):
+- library top-1: the best of a library of --library seeds (seeds 0..L-1, rendered once for all targets) by that
+  term, which is what NoiseQueryColor returns first for a one-term query; 1 render at query time.
+- best-of-N: the best of N fresh random seeds, N = budget (--trials independent draws).
+- refine (library start): NoiseQueryRefine from the library top-1, N renders in all (the start included), one walk
+  per --trials search_seed.
+- refine (random start): the same from a random seed: the search alone, without retrieval.
+Scores are each target's raw term (higher is better), reported as z-scores over the library's own renders (so
+targets of different scales can be pooled): medians over targets x trials. "wins" counts target x trial pairs
+where refine beats best-of-N at that budget (ties count half).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT / "tests" / "host"))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--comfyui", default=None)
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--library", type=int, default=128, help="library size (seeds 0..L-1)")
+    p.add_argument("--budgets", default="8,16,32,64")
+    p.add_argument("--trials", type=int, default=3, help="random draws / walks per target")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--strength", type=float, default=0.5)
+    p.add_argument("--min-strength", type=float, default=0.05)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--json", default=str(ROOT / "bench" / "results" / "refine.json"))
+    a = p.parse_args()
+    budgets = [int(b) for b in a.budgets.split(",")]
+    if a.quick:
+        budgets, a.trials, a.library = [8, 16], 2, 48
+
+    import comfy_harness
+    import noiseclr_train
+
+    comfy_path = a.comfyui or str(comfy_harness.find_comfyui() or Path.home() / "ComfyUI")
+    work = Path(tempfile.mkdtemp(prefix="nq_bench_refine_"))
+    nodes, mod = noiseclr_train.boot(comfy_path, cpu=True)
+    ckpt = str(comfy_harness.make_tiny_sd15_checkpoint(work / "tiny_sd15.safetensors", comfy_path))
+
+    import torch
+
+    root = mod.__name__.rsplit(".", 2)[0]
+    glue = sys.modules[root + ".nodes.exploration_refine_nodes"]
+    refine_mod = sys.modules[root + ".noisequery_core.exploration.refine"]
+    metric_mod = sys.modules[root + ".noisequery_core.exploration.refine_metric"]
+    explore = sys.modules[root + ".noisequery_core.exploration.explore"]
+    noise_mod = sys.modules[root + ".noisequery_core.noise"]
+    query_mod = sys.modules[root + ".noisequery_core.search.query"]
+    color = sys.modules[root + ".noisequery_core.search.color"]
+    from PIL import Image
+
+    with torch.inference_mode():
+        model, clip, vae, _ = noiseclr_train.load_checkpoint(nodes, ckpt)
+        empty = nodes.CLIPTextEncode().encode(clip, "")[0]
+        renderer = glue.NoiseRenderer(model, vae, empty, empty, width=a.size, height=a.size, steps=a.steps, cfg=1.0,
+                                      sampler_name="euler", scheduler="normal", step_seed=0)
+        shape = renderer.latent_shape
+        renders = {"n": 0}
+
+        def render(noises: Any) -> list[Image.Image]:
+            renders["n"] += int(noises.shape[0])
+            return glue.to_pil(renderer.render(noises)[1])
+
+        def render_seeds(seeds: list[int]) -> list[Image.Image]:
+            out: list[Image.Image] = []
+            for i in range(0, len(seeds), 8):
+                out += render(noise_mod.batch_noise(seeds[i:i + 8], shape))
+            return out
+
+        t0 = time.perf_counter()
+        lib_seeds = list(range(a.library))
+        lib_images = render_seeds(lib_seeds)
+        per_render = (time.perf_counter() - t0) / len(lib_seeds)
+        print(f"library: {len(lib_seeds)} renders, {per_render * 1000:.0f} ms per render (with decode)", file=sys.stderr)
+
+        # targets computed on renders of held-out seeds (so they are reachable by this model) and fixed values
+        held = render_seeds([10_000_001, 10_000_002, 10_000_003])
+        feats = color.analyse(held)
+
+        def hex_of(im: Image.Image) -> str:
+            r, g, b = (int(v) for v in np.asarray(im.convert("RGB"), np.float64).reshape(-1, 3).mean(0).round())
+            return f"#{r:02X}{g:02X}{b:02X}"
+
+        Q, ST, RT = query_mod.Query, query_mod.StatTarget, query_mod.RegionTarget
+        targets = {
+            "brightness 0.25": Q(stats=(ST("brightness", target=0.25),)),
+            "brightness 0.75": Q(stats=(ST("brightness", target=0.75),)),
+            f"colour {hex_of(held[0])}": Q(colors=((hex_of(held[0]), 1.0),)),
+            f"colour {hex_of(held[1])}": Q(colors=((hex_of(held[1]), 1.0),)),
+            "top light, bottom dark": Q(regions=(RT("top", lightness=0.9), RT("bottom", lightness=0.1))),
+            "layout of seed 10000002": Q(layout=feats.layout[1]),
+            "layout of seed 10000003": Q(layout=feats.layout[2]),
+        }
+        if a.quick:
+            targets = dict(list(targets.items())[:3])
+
+        results: dict[str, Any] = {"size": a.size, "steps": a.steps, "library": a.library, "budgets": budgets,
+                                   "trials": a.trials, "batch": a.batch, "strength": a.strength,
+                                   "min_strength": a.min_strength, "ms_per_render": per_render * 1000, "targets": {}}
+        for name, q in targets.items():
+            score_parts, metric = metric_mod.build_metric(metric_mod.MetricSpec(query=q))
+
+            def total(images: list[Image.Image], parts_fn: Any = score_parts, m: Any = metric) -> np.ndarray:
+                parts = parts_fn(images)
+                if not m.calibrated:
+                    m.calibrate(parts)
+                return m.combine(parts)
+
+            lib_scores = total(lib_images)
+            mu, sd = float(lib_scores.mean()), float(lib_scores.std()) or 1.0
+
+            def z(x: float, mu: float = mu, sd: float = sd) -> float:
+                return (float(x) - mu) / sd
+
+            top = int(np.argmax(lib_scores))
+            row: dict[str, Any] = {"library_top1": z(lib_scores[top]), "library_top1_seed": lib_seeds[top]}
+            rnd_curves = []
+            for t in range(a.trials):
+                seeds = [20_000_000 + 1000 * t + i for i in range(max(budgets))]
+                s = total(render_seeds(seeds))
+                rnd_curves.append([z(max(s[:n])) for n in budgets])
+            row["best_of_n"] = rnd_curves
+            for start_kind in ("library", "random"):
+                walks = []
+                for t in range(a.trials):
+                    start_seed = lib_seeds[top] if start_kind == "library" else 30_000_000 + t
+                    got = []
+                    for n in budgets:
+                        # the library-calibrated metric (several terms: z-scores frozen on the library's renders),
+                        # so every method is scored on one scale
+                        fresh_metric = copy.deepcopy(metric)
+                        renderer.step_seed = start_seed
+                        h = explore.History(start_seed)
+                        settings = refine_mod.RefineSettings(budget=n, batch=a.batch, strength=a.strength,
+                                                             min_strength=a.min_strength, search_seed=t)
+                        res = refine_mod.refine(explore.replay_noise(h, shape), h, render, score_parts,
+                                                fresh_metric, settings)
+                        assert res.renders == n
+                        got.append(z(res.best_score))
+                    walks.append(got)
+                row[f"refine_{start_kind}"] = walks
+            results["targets"][name] = row
+            print(f"{name}: library top-1 z {row['library_top1']:+.2f}; " + "; ".join(
+                f"N={n}: best-of-N {statistics.median(c[i] for c in rnd_curves):+.2f} refine(lib) "
+                f"{statistics.median(w[i] for w in row['refine_library']):+.2f} refine(rnd) "
+                f"{statistics.median(w[i] for w in row['refine_random']):+.2f}" for i, n in enumerate(budgets)),
+                file=sys.stderr)
+        results["renders"] = renders["n"]
+        results["seconds"] = time.perf_counter() - t0
+
+    rows = results["targets"].values()
+    summary = []
+    for i, n in enumerate(budgets):
+        def med(key: str, i: int = i) -> float:
+            return statistics.median(v[i] for r in rows for v in r[key])
+
+        def wins(key: str, i: int = i) -> float:
+            w = 0.0
+            pairs = 0
+            for r in rows:
+                for ref, rnd in zip(r[key], r["best_of_n"]):
+                    w += 1.0 if ref[i] > rnd[i] else 0.5 if ref[i] == rnd[i] else 0.0
+                    pairs += 1
+            return w / max(pairs, 1)
+
+        summary.append({"budget": n, "library_top1": statistics.median(r["library_top1"] for r in rows),
+                        "best_of_n": med("best_of_n"), "refine_library": med("refine_library"),
+                        "refine_random": med("refine_random"), "wins_refine_library": wins("refine_library"),
+                        "wins_refine_random": wins("refine_random")})
+    results["summary"] = summary
+    print(f"\n{len(results['targets'])} targets x {a.trials} trials, {a.size}x{a.size}, {a.steps} euler steps, "
+          f"library {a.library}, batch {a.batch}, strength {a.strength}->{a.min_strength}; "
+          f"{results['renders']} renders in {results['seconds']:.0f} s\n")
+    print("| renders | library top-1 | best-of-N random | refine (library start) | refine (random start) | "
+          "refine(lib) beats best-of-N | refine(rnd) beats best-of-N |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for s in summary:
+        print(f"| {s['budget']} | {s['library_top1']:+.2f} | {s['best_of_n']:+.2f} | {s['refine_library']:+.2f} | "
+              f"{s['refine_random']:+.2f} | {s['wins_refine_library']:.0%} | {s['wins_refine_random']:.0%} |")
+    out = Path(a.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+    print(f"\n(median z-scores over the library's renders; JSON: {out})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
