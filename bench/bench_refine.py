@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Retrieve, then refine: NoiseQueryRefine vs best-of-N random seeds vs library top-1, at equal numbers of renders.
 
-    .venv/bin/python bench/bench_refine.py                  # tiny random SD1.5, CPU, 64x64, 4 euler steps (~10 min here)
-    .venv/bin/python bench/bench_refine.py --quick          # 3 targets, 2 starts, budgets 8,16 (smoke run)
+    .venv/bin/python bench/bench_refine.py                  # tiny random SD1.5, CPU, 64x64, 2 euler steps
+    .venv/bin/python bench/bench_refine.py --quick          # 3 targets, 2 trials, budgets 8,16 (smoke run)
 
 ComfyUI is booted in-process (scripts/noiseclr_train.py: boot) with this repo as the pack; every render goes
 through the Refine node's own renderer (nodes/exploration_refine_nodes.NoiseRenderer: KSampler's path, batched),
@@ -15,7 +15,8 @@ For each target (a one-term query):
   term, which is what NoiseQueryColor returns first for a one-term query; 1 render at query time.
 - best-of-N: the best of N fresh random seeds, N = budget (--trials independent draws).
 - refine (library start): NoiseQueryRefine from the library top-1, N renders in all (the start included), one walk
-  per --trials search_seed.
+  per --trials search_seed. The search is anytime (a budget-N walk is the first N renders of a longer one, see
+  refine.py), so one walk of the largest budget gives every budget's result.
 - refine (random start): the same from a random seed: the search alone, without retrieval.
 Scores are each target's raw term (higher is better), reported as z-scores over the library's own renders (so
 targets of different scales can be pooled): medians over targets x trials. "wins" counts target x trial pairs
@@ -45,15 +46,17 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--comfyui", default=None)
     p.add_argument("--size", type=int, default=64)
-    p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--library", type=int, default=128, help="library size (seeds 0..L-1)")
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--library", type=int, default=64, help="library size (seeds 0..L-1)")
     p.add_argument("--budgets", default="8,16,32,64")
     p.add_argument("--trials", type=int, default=3, help="random draws / walks per target")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--strength", type=float, default=0.5)
     p.add_argument("--min-strength", type=float, default=0.05)
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--targets", type=int, default=0, help="only the first T targets (0: all 7)")
     p.add_argument("--json", default=str(ROOT / "bench" / "results" / "refine.json"))
+    p.add_argument("--picture", default=None, help="also draw a walk (start, every accepted move, score curve) here")
     a = p.parse_args()
     budgets = [int(b) for b in a.budgets.split(",")]
     if a.quick:
@@ -123,6 +126,11 @@ def main() -> int:
         }
         if a.quick:
             targets = dict(list(targets.items())[:3])
+        elif a.targets:
+            targets = dict(list(targets.items())[:a.targets])
+
+        # best-of-N draws: the same random seeds for every target (a render does not depend on the target)
+        random_images = [render_seeds([20_000_000 + 1000 * t + i for i in range(max(budgets))]) for t in range(a.trials)]
 
         results: dict[str, Any] = {"size": a.size, "steps": a.steps, "library": a.library, "budgets": budgets,
                                    "trials": a.trials, "batch": a.batch, "strength": a.strength,
@@ -145,39 +153,48 @@ def main() -> int:
             top = int(np.argmax(lib_scores))
             row: dict[str, Any] = {"library_top1": z(lib_scores[top]), "library_top1_seed": lib_seeds[top]}
             rnd_curves = []
-            for t in range(a.trials):
-                seeds = [20_000_000 + 1000 * t + i for i in range(max(budgets))]
-                s = total(render_seeds(seeds))
+            for images in random_images:
+                s = total(images)
                 rnd_curves.append([z(max(s[:n])) for n in budgets])
             row["best_of_n"] = rnd_curves
             for start_kind in ("library", "random"):
                 walks = []
                 for t in range(a.trials):
                     start_seed = lib_seeds[top] if start_kind == "library" else 30_000_000 + t
-                    got = []
-                    for n in budgets:
-                        # the library-calibrated metric (several terms: z-scores frozen on the library's renders),
-                        # so every method is scored on one scale
-                        fresh_metric = copy.deepcopy(metric)
-                        renderer.step_seed = start_seed
-                        h = explore.History(start_seed)
-                        settings = refine_mod.RefineSettings(budget=n, batch=a.batch, strength=a.strength,
-                                                             min_strength=a.min_strength, search_seed=t)
-                        res = refine_mod.refine(explore.replay_noise(h, shape), h, render, score_parts,
-                                                fresh_metric, settings)
-                        assert res.renders == n
-                        got.append(z(res.best_score))
+                    # the search is anytime (refine.py): the best after n renders of one walk of the largest budget
+                    # is what a walk of budget n reaches, so one walk gives every budget
+                    renderer.step_seed = start_seed
+                    h = explore.History(start_seed)
+                    settings = refine_mod.RefineSettings(budget=max(budgets), batch=a.batch, strength=a.strength,
+                                                         min_strength=a.min_strength, search_seed=t)
+                    # the library-calibrated metric (several terms: z-scores frozen on the library's renders), so
+                    # every method is scored on one scale
+                    res = refine_mod.refine(explore.replay_noise(h, shape), h, render, score_parts,
+                                            copy.deepcopy(metric), settings)
+                    assert res.renders == max(budgets)
+                    got = [z(res.curve[n - 1]) for n in budgets]
                     walks.append(got)
                 row[f"refine_{start_kind}"] = walks
             results["targets"][name] = row
+            results["renders"], results["seconds"] = renders["n"], time.perf_counter() - t0
+            write_summary(results, budgets, a, Path(a.json), final=False)
             print(f"{name}: library top-1 z {row['library_top1']:+.2f}; " + "; ".join(
                 f"N={n}: best-of-N {statistics.median(c[i] for c in rnd_curves):+.2f} refine(lib) "
                 f"{statistics.median(w[i] for w in row['refine_library']):+.2f} refine(rnd) "
                 f"{statistics.median(w[i] for w in row['refine_random']):+.2f}" for i, n in enumerate(budgets)),
                 file=sys.stderr)
+        if a.picture:
+            walk_picture(Path(a.picture), targets, lib_images, lib_seeds, metric_mod, refine_mod, explore, render,
+                         renderer, shape, a)
         results["renders"] = renders["n"]
         results["seconds"] = time.perf_counter() - t0
 
+    write_summary(results, budgets, a, Path(a.json), final=True)
+    return 0
+
+
+def write_summary(results: dict[str, Any], budgets: list[int], a: Any, out: Path, final: bool) -> None:
+    """Medians and win rates over the targets done so far; the JSON (and, when final, the markdown table)."""
     rows = results["targets"].values()
     summary = []
     for i, n in enumerate(budgets):
@@ -198,6 +215,10 @@ def main() -> int:
                         "refine_random": med("refine_random"), "wins_refine_library": wins("refine_library"),
                         "wins_refine_random": wins("refine_random")})
     results["summary"] = summary
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+    if not final:
+        return
     print(f"\n{len(results['targets'])} targets x {a.trials} trials, {a.size}x{a.size}, {a.steps} euler steps, "
           f"library {a.library}, batch {a.batch}, strength {a.strength}->{a.min_strength}; "
           f"{results['renders']} renders in {results['seconds']:.0f} s\n")
@@ -207,11 +228,39 @@ def main() -> int:
     for s in summary:
         print(f"| {s['budget']} | {s['library_top1']:+.2f} | {s['best_of_n']:+.2f} | {s['refine_library']:+.2f} | "
               f"{s['refine_random']:+.2f} | {s['wins_refine_library']:.0%} | {s['wins_refine_random']:.0%} |")
-    out = Path(a.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1))
     print(f"\n(median z-scores over the library's renders; JSON: {out})")
-    return 0
+
+
+def walk_picture(path: Path, targets: dict[str, Any], lib_images: list[Any], lib_seeds: list[int], metric_mod: Any,
+                 refine_mod: Any, explore: Any, render: Any, renderer: Any, shape: Any, a: Any) -> None:
+    """One 64-render walk for the region target, from its library top-1: the start, the render after every accepted
+    move (replayed from the history prefix), and the score curve, side by side."""
+    from PIL import Image, ImageDraw
+
+    name = "top light, bottom dark"
+    score_parts, metric = metric_mod.build_metric(metric_mod.MetricSpec(query=targets[name]))
+    parts = score_parts(lib_images)
+    metric.calibrate(parts)
+    start_seed = lib_seeds[int(np.argmax(metric.combine(parts)))]
+    renderer.step_seed = start_seed
+    h = explore.History(start_seed)
+    start = explore.replay_noise(h, shape)
+    res = refine_mod.refine(start, h, render, score_parts, metric,
+                            refine_mod.RefineSettings(budget=64, batch=a.batch, strength=a.strength,
+                                                      min_strength=a.min_strength))
+    frames = [render(refine_mod.replay(start, res.history.picks[:k])[None])[0] for k in range(res.moves + 1)]
+    cell = 128
+    curve = Image.fromarray(metric_mod.curve_image(res.scores, res.curve, 2 * cell, cell))
+    sheet = Image.new("RGB", (cell * len(frames) + curve.width, cell + 18), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for i, im in enumerate(frames):
+        sheet.paste(im.resize((cell, cell), Image.Resampling.NEAREST), (i * cell, 18))
+        draw.text((i * cell + 4, 3), "start" if i == 0 else f"move {i}", fill=(0, 0, 0))
+    sheet.paste(curve, (cell * len(frames), 18))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+    print(f"picture: {path} ({name}: seed {start_seed}, {res.moves} moves, score {res.start_score:.3f} -> "
+          f"{res.best_score:.3f})", file=sys.stderr)
 
 
 if __name__ == "__main__":

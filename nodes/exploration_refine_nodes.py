@@ -199,13 +199,14 @@ class NoiseQueryRefine(io.ComfyNode):
         if query is not None and metric in ("query terms", "mix") and (query.text.strip() or query.negative_text.strip()):
             notes.append("note: the query's text parts are not scored on renders; put the text in `text` (CLIP).")
 
-        def render(noises: torch.Tensor) -> list[tuple[Any, torch.Tensor]]:
-            """(PIL image, its sampled latent [1, C, h, w]) per noise: the walk keeps the best pair."""
+        def render(noises: torch.Tensor) -> list[tuple[Any, torch.Tensor, torch.Tensor]]:
+            """(PIL image for the metric, IMAGE [1, H, W, 3], sampled latent [1, C, h, w]) per noise: the walk
+            keeps the best one's (the IMAGE output is the decoded image itself, not its 8-bit copy)."""
             samples, images = renderer.render(noises)
-            return [(im, samples[i:i + 1].cpu()) for i, im in enumerate(to_pil(images))]
+            return [(im, images[i:i + 1].cpu(), samples[i:i + 1].cpu()) for i, im in enumerate(to_pil(images))]
 
         def score(renders: Any) -> Any:
-            return score_parts([im for im, _ in renders])
+            return score_parts([r[0] for r in renders])
 
         check = _cancelled_on_interrupt(work.check_cancel)
         if replay.strip():
@@ -219,8 +220,7 @@ class NoiseQueryRefine(io.ComfyNode):
             result = refine(start, History(start_seed), _cancelled_on_interrupt(render), score, metric_obj, settings,
                             progress=_cancelled_on_interrupt(work.progress), check_cancel=check)
             mode = "searched"
-        best_pil, best_latent = result.best_render
-        best_image = to_image([best_pil])
+        _, best_image, best_latent = result.best_render
         latent = {"samples": best_latent}
         best_noise = result.best_noise.clone()
         out_noise = MadeNoise(start_seed, 1, lambda shp, dtype: _sized(best_noise, shp, dtype))

@@ -7,9 +7,11 @@ candidate scores strictly higher than the current noise, it becomes the current 
 the history; otherwise nothing changes. So the current noise is always the best so far, never worse than the start.
 
 The strength (step size) starts at ``strength`` and shrinks by a constant factor after every round without an
-improvement, reaching ``min_strength`` after half the planned rounds fail; once it would fall below that, it restarts
-at ``strength`` from the best noise (a restart that keeps the progress: the walk escapes a basin the small steps
-cannot leave, without spending renders to climb back). A round with an improvement keeps its strength.
+improvement, reaching ``min_strength`` after ``cycle`` failed rounds; once it would fall below that, it restarts at
+``strength`` from the best noise (a restart that keeps the progress: the walk escapes a basin the small steps cannot
+leave, without spending renders to climb back). A round with an improvement keeps its strength. Nothing depends on
+the budget, so the search is anytime: a walk of budget N renders exactly the first N candidates of any longer walk
+with the same settings, and reaches the same best score (an Interrupt after N renders leaves the budget-N result).
 
 Why hill climbing and not simulated annealing (NoiseSearch found both beat random seed sampling at equal cost): the
 budgets here are tens of renders, and annealing's accepted downhill moves are renders a walk this short seldom wins
@@ -34,7 +36,6 @@ was not finished (then there is nothing to return and Cancelled propagates).
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,7 +51,9 @@ from .explore import STRENGTH_MAX, History, HistoryError, Pick, derive_seed, ste
 CALIBRATION_KEY = "refine_metric"  # extra history key: a mixed metric's frozen {part: [center, scale]}
 MAX_BUDGET = 4096
 MAX_BATCH = 64
-RESTARTS = 2  # the budget's planned rounds hold this many full strength cycles of failed rounds
+MAX_CYCLE = 64
+WHAT = {"budget": "renders in all, the start included", "batch": "renders per round",
+        "cycle": "failed rounds from strength down to min_strength"}
 
 Render = Callable[[torch.Tensor], Sequence[Any]]
 """``render(noises [n, *shape]) -> n renders`` (anything the scorer understands, e.g. PIL images)."""
@@ -71,26 +74,19 @@ class RefineSettings:
     strength: float = 0.5
     min_strength: float = 0.05
     search_seed: int = 0  # another value, another walk from the same start (another set of fresh seeds)
+    cycle: int = 4  # failed rounds from strength down to min_strength (then the step restarts)
 
     def __post_init__(self) -> None:
-        for name, value, lo, hi in (("budget", self.budget, 1, MAX_BUDGET), ("batch", self.batch, 1, MAX_BATCH)):
+        for name, value, lo, hi in (("budget", self.budget, 1, MAX_BUDGET), ("batch", self.batch, 1, MAX_BATCH),
+                                    ("cycle", self.cycle, 2, MAX_CYCLE)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not lo <= int(value) <= hi:
                 raise RefineError(f"refine {name} is {value!r}; use a whole number from {lo} to {hi} "
-                                  f"({'renders in all, the start included' if name == 'budget' else 'renders per round'}).")
+                                  f"({WHAT[name]}).")
         finite(self.strength, "refine strength", lo=1e-6, hi=STRENGTH_MAX, error=RefineError,
                fix=f"use a slerp factor above 0 and at most {STRENGTH_MAX:g} (0.3-0.6 explores, 0.1 polishes).")
         finite(self.min_strength, "refine min_strength", lo=1e-6, hi=float(self.strength), error=RefineError,
                fix=f"use a value above 0 and at most strength ({self.strength:g}).")
 
-    @property
-    def planned_rounds(self) -> int:
-        return math.ceil((int(self.budget) - 1) / int(self.batch))
-
-    @property
-    def cycle(self) -> int:
-        """Failed rounds from strength down to min_strength: half the planned rounds, so a walk that stalls gets a
-        restart within its budget."""
-        return max(2, math.ceil(self.planned_rounds / RESTARTS))
 
     @property
     def decay(self) -> float:

@@ -315,3 +315,11 @@ def test_a_mixed_metric_calibration_travels_with_the_history() -> None:
     bad[CALIBRATION_KEY]["cos"] = [0.0, -1.0]
     with pytest.raises(HistoryError, match="scale"):
         restore_calibration(json.dumps(bad), Metric({"cos": 1.0, "mean": 0.5}))
+
+
+@pytest.mark.parametrize("n", [1, 5, 8, 16, 30])
+def test_the_search_is_anytime(n: int) -> None:
+    """A budget-n walk renders the first n candidates of a longer walk and reaches the same best."""
+    long, _ = run(budget=41)
+    short, _ = run(budget=n)
+    assert short.scores == long.scores[:n] and short.curve == long.curve[:n]
