@@ -19,8 +19,8 @@ For each target (a one-term query):
   refine.py), so one walk of the largest budget gives every budget's result.
 - refine (random start): the same from a random seed: the search alone, without retrieval.
 Scores are each target's raw term (higher is better), reported as z-scores over the library's own renders (so
-targets of different scales can be pooled): medians over targets x trials. "wins" counts target x trial pairs
-where refine beats best-of-N at that budget (ties count half).
+targets of different scales can be pooled): medians over targets x trials. "wins" is the share of target x (walk, draw) pairs
+where refine beats best-of-N at that budget, over every walk x draw pair (ties count half).
 """
 
 from __future__ import annotations
@@ -54,7 +54,8 @@ def main() -> int:
     p.add_argument("--strength", type=float, default=0.5)
     p.add_argument("--min-strength", type=float, default=0.05)
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--targets", type=int, default=0, help="only the first T targets (0: all 7)")
+    p.add_argument("--targets", default="", help="comma-separated target numbers 0..6 (default: all 7)")
+    p.add_argument("--random-start-trials", type=int, default=None, help="walks from random starts (default --trials)")
     p.add_argument("--json", default=str(ROOT / "bench" / "results" / "refine.json"))
     p.add_argument("--picture", default=None, help="also draw a walk (start, every accepted move, score curve) here")
     a = p.parse_args()
@@ -127,7 +128,8 @@ def main() -> int:
         if a.quick:
             targets = dict(list(targets.items())[:3])
         elif a.targets:
-            targets = dict(list(targets.items())[:a.targets])
+            items = list(targets.items())
+            targets = dict(items[int(i)] for i in a.targets.split(","))
 
         # best-of-N draws: the same random seeds for every target (a render does not depend on the target)
         random_images = [render_seeds([20_000_000 + 1000 * t + i for i in range(max(budgets))]) for t in range(a.trials)]
@@ -159,7 +161,8 @@ def main() -> int:
             row["best_of_n"] = rnd_curves
             for start_kind in ("library", "random"):
                 walks = []
-                for t in range(a.trials):
+                trials = a.trials if start_kind == "library" or a.random_start_trials is None else a.random_start_trials
+                for t in range(trials):
                     start_seed = lib_seeds[top] if start_kind == "library" else 30_000_000 + t
                     # the search is anytime (refine.py): the best after n renders of one walk of the largest budget
                     # is what a walk of budget n reaches, so one walk gives every budget
@@ -205,7 +208,7 @@ def write_summary(results: dict[str, Any], budgets: list[int], a: Any, out: Path
             w = 0.0
             pairs = 0
             for r in rows:
-                for ref, rnd in zip(r[key], r["best_of_n"]):
+                for ref, rnd in ((x, y) for x in r[key] for y in r["best_of_n"]):  # every walk vs every draw
                     w += 1.0 if ref[i] > rnd[i] else 0.5 if ref[i] == rnd[i] else 0.0
                     pairs += 1
             return w / max(pairs, 1)
@@ -233,7 +236,7 @@ def write_summary(results: dict[str, Any], budgets: list[int], a: Any, out: Path
 
 def walk_picture(path: Path, targets: dict[str, Any], lib_images: list[Any], lib_seeds: list[int], metric_mod: Any,
                  refine_mod: Any, explore: Any, render: Any, renderer: Any, shape: Any, a: Any) -> None:
-    """One 64-render walk for the region target, from its library top-1: the start, the render after every accepted
+    """One 32-render walk for the region target, from its library top-1: the start, the render after every accepted
     move (replayed from the history prefix), and the score curve, side by side."""
     from PIL import Image, ImageDraw
 
@@ -246,7 +249,7 @@ def walk_picture(path: Path, targets: dict[str, Any], lib_images: list[Any], lib
     h = explore.History(start_seed)
     start = explore.replay_noise(h, shape)
     res = refine_mod.refine(start, h, render, score_parts, metric,
-                            refine_mod.RefineSettings(budget=64, batch=a.batch, strength=a.strength,
+                            refine_mod.RefineSettings(budget=32, batch=a.batch, strength=a.strength,
                                                       min_strength=a.min_strength))
     frames = [render(refine_mod.replay(start, res.history.picks[:k])[None])[0] for k in range(res.moves + 1)]
     cell = 128

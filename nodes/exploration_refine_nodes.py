@@ -217,8 +217,11 @@ class NoiseQueryRefine(io.ComfyNode):
             result = _replayed(hist, replay_picks(start, hist), render, score, metric_obj, check)
             mode = f"replayed {len(hist.picks)} move(s) from the history (no search)"
         else:
-            result = refine(start, History(start_seed), _cancelled_on_interrupt(render), score, metric_obj, settings,
-                            progress=_cancelled_on_interrupt(work.progress), check_cancel=check)
+            try:
+                result = refine(start, History(start_seed), _cancelled_on_interrupt(render), score, metric_obj,
+                                settings, progress=_cancelled_on_interrupt(work.progress), check_cancel=check)
+            except Cancelled:  # interrupted before the start was scored: nothing to return, ComfyUI's usual stop
+                raise comfy.model_management.InterruptProcessingException() from None
             mode = "searched"
         _, best_image, best_latent = result.best_render
         latent = {"samples": best_latent}

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -152,12 +151,14 @@ def test_start_is_ksampler_and_noise_output_reproduces_in_sampler_custom_advance
     g["50"] = {"class_type": "NoiseQueryVariations", "inputs": {
         "seed": seed, "positive": [G.POS, 0], "variants": 1, "strength": 0.3, "cond_strength": 0.0,
         "width": G.SIZE, "height": G.SIZE, "pick": -1, "history": history}}
+    g.update(G.custom_advanced_image("6", ["50", 3], ["40", 0], negative=G.NEG))  # the explorer's current_noise
     g["51"] = {"class_type": "PreviewImage", "inputs": {"images": [REF, 2]}}
     _ok(comfy_runner.run(g))
     sca = comfy_runner.node_outputs("45")[0]
     assert float((sca - image).abs().max()) < 1e-3
     current = comfy_runner.node_outputs("50")[3]
     assert torch.equal(current.generate_noise({"samples": one}), noise.generate_noise({"samples": one}))
+    assert torch.equal(comfy_runner.node_outputs("65")[0], sca), "the explorer's current noise renders the same"
 
 
 def test_interrupt_returns_the_best_so_far(comfy_nodes: ModuleType, comfy_runner: InProcessRunner,
@@ -309,16 +310,38 @@ def test_bad_inputs_refused_over_http(comfy_server: ComfyServer, tiny_ckpt_name:
     assert err is not None and "empty `text`" in err["exception_message"], entry
 
 
+def _post_and_wait_for_progress(server: ComfyServer, graph: dict[str, Any], node: str, at_least: int,
+                                timeout: float = 600.0) -> str:
+    """POST the graph and return its prompt id once the server's websocket reported `node` at progress >= at_least
+    (listening from before the post, so no message is missed)."""
+    import asyncio
+
+    import aiohttp
+
+    async def go() -> str:
+        ws_url = server.url.replace("http", "ws", 1) + f"/ws?clientId={server.client_id}"
+        async with aiohttp.ClientSession() as session, session.ws_connect(ws_url) as ws:
+            prompt_id = await asyncio.get_running_loop().run_in_executor(None, server.post_prompt, graph)
+            assert isinstance(prompt_id, str), prompt_id
+            async for msg in ws:
+                if msg.type != aiohttp.WSMsgType.TEXT:
+                    continue
+                doc = json.loads(msg.data)
+                data = doc.get("data") or {}
+                if doc.get("type") == "progress" and data.get("node") == node and data.get("value", 0) >= at_least:
+                    return prompt_id
+            raise AssertionError("the websocket closed before the refine node reported progress")
+
+    return asyncio.run(asyncio.wait_for(go(), timeout))
+
+
 def test_interrupt_over_http_returns_the_best(comfy_server: ComfyServer, tiny_ckpt_name: str,
                                              server_library: str) -> None:
     g = adapt(_example(), tiny_ckpt_name)
     ref = next(k for k, v in g.items() if v["class_type"] == "NoiseQueryRefine")
     _ok(comfy_server.run(g, timeout=300))  # everything upstream of the refine node is cached now
     g[ref]["inputs"].update(budget=4000, search_seed=11)
-    prompt_id = comfy_server.post_prompt(g)
-    assert isinstance(prompt_id, str), prompt_id
-    comfy_server.wait_running(prompt_id, timeout=120)
-    time.sleep(3.0)
+    prompt_id = _post_and_wait_for_progress(comfy_server, g, ref, at_least=5)  # the start and one round scored
     comfy_server.interrupt(prompt_id)
     entry = _ok(comfy_server.wait(prompt_id, timeout=300))
     out = entry["outputs"][ref]
