@@ -58,6 +58,7 @@ def main() -> int:
     p.add_argument("--random-start-trials", type=int, default=None, help="walks from random starts (default --trials)")
     p.add_argument("--json", default=str(ROOT / "bench" / "results" / "refine.json"))
     p.add_argument("--picture", default=None, help="also draw a walk (start, every accepted move, score curve) here")
+    p.add_argument("--picture-only", action="store_true", help="draw the --picture walk and stop")
     a = p.parse_args()
     budgets = [int(b) for b in a.budgets.split(",")]
     if a.quick:
@@ -101,6 +102,14 @@ def main() -> int:
                 out += render(noise_mod.batch_noise(seeds[i:i + 8], shape))
             return out
 
+        if a.picture:  # a brightness walk from a plain seed (no library needed): where the search moves is visible
+            caption = walk_picture(Path(a.picture), query_mod.Query(stats=(query_mod.StatTarget("brightness",
+                                   target=0.75),)), 30_000_000, 24, metric_mod, refine_mod, explore, render, renderer,
+                                   shape, a)
+            print(f"picture: {a.picture} (brightness 0.75: {caption})", file=sys.stderr)
+            if a.picture_only:
+                return 0
+
         t0 = time.perf_counter()
         lib_seeds = list(range(a.library))
         lib_images = render_seeds(lib_seeds)
@@ -133,6 +142,7 @@ def main() -> int:
 
         # best-of-N draws: the same random seeds for every target (a render does not depend on the target)
         random_images = [render_seeds([20_000_000 + 1000 * t + i for i in range(max(budgets))]) for t in range(a.trials)]
+
 
         results: dict[str, Any] = {"size": a.size, "steps": a.steps, "library": a.library, "budgets": budgets,
                                    "trials": a.trials, "batch": a.batch, "strength": a.strength,
@@ -186,9 +196,6 @@ def main() -> int:
                 f"{statistics.median(w[i] for w in row['refine_library']):+.2f} refine(rnd) "
                 f"{statistics.median(w[i] for w in row['refine_random']):+.2f}" for i, n in enumerate(budgets)),
                 file=sys.stderr)
-        if a.picture:
-            walk_picture(Path(a.picture), targets, lib_images, lib_seeds, metric_mod, refine_mod, explore, render,
-                         renderer, shape, a)
         results["renders"] = renders["n"]
         results["seconds"] = time.perf_counter() - t0
 
@@ -234,22 +241,18 @@ def write_summary(results: dict[str, Any], budgets: list[int], a: Any, out: Path
     print(f"\n(median z-scores over the library's renders; JSON: {out})")
 
 
-def walk_picture(path: Path, targets: dict[str, Any], lib_images: list[Any], lib_seeds: list[int], metric_mod: Any,
-                 refine_mod: Any, explore: Any, render: Any, renderer: Any, shape: Any, a: Any) -> None:
-    """One 32-render walk for the region target, from its library top-1: the start, the render after every accepted
-    move (replayed from the history prefix), and the score curve, side by side."""
+def walk_picture(path: Path, query: Any, start_seed: int, budget: int, metric_mod: Any, refine_mod: Any, explore: Any,
+                 render: Any, renderer: Any, shape: Any, a: Any) -> str:
+    """One walk for a one-term target from a plain seed: the start, the render after every accepted move (replayed
+    from the history prefix), and the score curve, side by side. Returns a caption."""
     from PIL import Image, ImageDraw
 
-    name = "top light, bottom dark"
-    score_parts, metric = metric_mod.build_metric(metric_mod.MetricSpec(query=targets[name]))
-    parts = score_parts(lib_images)
-    metric.calibrate(parts)
-    start_seed = lib_seeds[int(np.argmax(metric.combine(parts)))]
+    score_parts, metric = metric_mod.build_metric(metric_mod.MetricSpec(query=query))
     renderer.step_seed = start_seed
     h = explore.History(start_seed)
     start = explore.replay_noise(h, shape)
     res = refine_mod.refine(start, h, render, score_parts, metric,
-                            refine_mod.RefineSettings(budget=32, batch=a.batch, strength=a.strength,
+                            refine_mod.RefineSettings(budget=budget, batch=a.batch, strength=a.strength,
                                                       min_strength=a.min_strength))
     frames = [render(refine_mod.replay(start, res.history.picks[:k])[None])[0] for k in range(res.moves + 1)]
     cell = 128
@@ -262,8 +265,8 @@ def walk_picture(path: Path, targets: dict[str, Any], lib_images: list[Any], lib
     sheet.paste(curve, (cell * len(frames), 18))
     path.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(path)
-    print(f"picture: {path} ({name}: seed {start_seed}, {res.moves} moves, score {res.start_score:.3f} -> "
-          f"{res.best_score:.3f})", file=sys.stderr)
+    return (f"seed {start_seed}, {budget} renders, {res.moves} accepted moves, score {res.start_score:.3f} -> "
+            f"{res.best_score:.3f}")
 
 
 if __name__ == "__main__":
