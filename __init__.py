@@ -12,7 +12,9 @@ WEB_DIRECTORY = "./web"
 async def comfy_entrypoint():  # type: ignore[no-untyped-def]
     from comfy_api.latest import ComfyExtension
 
-    from .nodes import NODE_CLASSES
+    from .nodes import NODE_CLASSES, server_routes
+
+    server_routes.register()  # the library browser's /noisequery/ routes; a no-op without a server
 
     class NoiseQueryExtension(ComfyExtension):
         async def get_node_list(self):  # type: ignore[no-untyped-def]

@@ -3,6 +3,10 @@
 
     .venv/bin/python bench/bench_noiseclr.py                       # tiny random SD1.5, CPU, 64x64
     .venv/bin/python bench/bench_noiseclr.py --gpu --ckpt /models/v1-5-pruned-emaonly.safetensors --size 512
+    .venv/bin/python bench/bench_noiseclr.py --family sd3                # tiny random SD3 (or sdxl, flux), CPU
+
+--family uses the tiny random checkpoints and text encoders of tests/host/family_models.py (its per-machine
+cache); directions then have a pooled part, and sampling runs the family's own conditioning (Flux: guidance 3.5).
 
 ComfyUI is booted in-process (scripts/noiseclr_train.py: boot) with this repo as the pack. Sampling is
 KSampler's path (comfy.sample.sample, euler, cfg 1, empty prompt) with the model patched by
@@ -41,6 +45,8 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--directions-per-iteration", type=int, default=2)
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--family", default="sd15", choices=("sd15", "sdxl", "sd3", "flux"),
+                   help="tiny random model family (ignored with --ckpt, which is loaded with its own CLIP)")
     a = p.parse_args()
 
     import comfy_harness
@@ -55,7 +61,15 @@ def main() -> int:
     for d in ("dirs", "libs", "clip"):
         (work / d).mkdir()
     nodes, mod = noiseclr_train.boot(comfy_path, cpu=not a.gpu, extra_model_paths=str(yaml))
-    ckpt = a.ckpt or str(comfy_harness.make_tiny_sd15_checkpoint(work / "tiny_sd15.safetensors", comfy_path))
+    family = "sd15" if a.ckpt else a.family
+    if a.ckpt:
+        ckpt = a.ckpt
+    elif family == "sd15":
+        ckpt = str(comfy_harness.make_tiny_sd15_checkpoint(work / "tiny_sd15.safetensors", comfy_path))
+    else:
+        import family_models
+
+        ckpt = str(family_models.cached_family_checkpoint(family, comfy_path))
 
     import comfy.model_management
     import comfy.sample
@@ -66,17 +80,25 @@ def main() -> int:
     core = sys.modules[mod.__name__.rsplit(".", 2)[0] + ".noisequery_core.directions.noiseclr"]
     dev = comfy.model_management.get_torch_device()
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    results: dict[str, Any] = {"device": str(dev), "checkpoint": Path(ckpt).name, "size": a.size, "steps": a.steps}
+    results: dict[str, Any] = {"device": str(dev), "checkpoint": Path(ckpt).name, "size": a.size, "steps": a.steps,
+                               "family": family}
     with torch.inference_mode():
         model, clip, vae, _ = noiseclr_train.load_checkpoint(nodes, ckpt)
-        empty = mod.empty_encoding(clip)
+        if clip is None and family != "sd15":
+            clip = family_models.tiny_clip(family)  # the tiny checkpoints carry no text encoder
+        fam = mod.check_supported(model)
+        empty, empty_pooled = mod.empty_conditioning(clip)
+        empty_pooled = empty_pooled if fam.pooled else None
 
         # ---------------- sampling: per-step cost with 0/1/2/4 directions
         g = torch.Generator().manual_seed(0)
+        pooled = (empty_pooled.unsqueeze(0) + 0.3 * torch.randn(4, *empty_pooled.shape, generator=g)
+                  if empty_pooled is not None else None)
         d = core.Directions(directions=empty.unsqueeze(0) + 0.3 * torch.randn(4, *empty.shape, generator=g),
-                            empty=empty)
-        cond = [[empty.unsqueeze(0), {}]]
-        latent = torch.zeros(1, 4, a.size // 8, a.size // 8)
+                            empty=empty, pooled=pooled, empty_pooled=empty_pooled, family=fam.key)
+        cond = mod.empty_prompt_conditioning(d)
+        channels = model.get_model_object("latent_format").latent_channels
+        latent = torch.zeros(1, channels, a.size // 8, a.size // 8)
         noise = torch.randn(latent.shape, generator=g)
 
         def per_step(m: Any) -> list[float]:
@@ -139,7 +161,7 @@ def main() -> int:
                                "unet_rows_per_iteration": a.batch_size * (a.directions_per_iteration + 1)}
 
     base = rows[0]["batched"]
-    print(f"device {results['device']}, {results['checkpoint']}, {a.size}x{a.size}, euler cfg 1, {a.steps} steps, "
+    print(f"device {results['device']}, {results['checkpoint']} ({family}), {a.size}x{a.size}, euler cfg 1, {a.steps} steps, "
           f"median of {a.repeats} runs")
     base_min = rows[0]["batched (min)"]
     print("seconds per sampling step: median (min) over all steps of all runs")

@@ -13,6 +13,7 @@ from .exploration_refine_nodes import NoiseQueryRefine
 from .exploration_variation_nodes import NoiseQueryVariantPicker, NoiseQueryVariations
 from .exploration_walk_nodes import NoiseQueryConditioningInterpolate, NoiseQuerySeedGrid, NoiseQuerySeedSlerp
 from .guidance_nodes import HighlightScribbleGuide, NoiseQueryHighlightMask
+from .influence_nodes import NoiseQuerySeedInfluence
 from .library_nodes import BuildNoiseLibrary, NoiseQueryLibraryInfo
 from .search_nodes import NoiseQueryColor, NoiseQueryText
 
@@ -20,6 +21,7 @@ _host.register_folders()
 
 NODE_CLASSES: list[type] = [
     BuildNoiseLibrary, NoiseQueryText, NoiseQueryColor, NoiseQueryLibraryInfo,  # library and queries
+    NoiseQuerySeedInfluence,  # before a build: does the seed steer this model?
     HighlightScribbleGuide, NoiseQueryHighlightMask,  # guide
     NoiseQuerySeedSlerp, NoiseQuerySeedGrid, NoiseQueryConditioningInterpolate,  # infinite index
     NoiseQueryVariations, NoiseQueryVariantPicker, NoiseQueryRank, NoiseQueryRefine,

@@ -138,7 +138,7 @@ def load_thumbnails(lib: Library, seeds: Sequence[int]) -> torch.Tensor:
     size = lib.features.thumbnail_size or 64
     shape = lib.generation.latent_shape
     if shape:
-        h, w = shape[1] * 8, shape[2] * 8
+        h, w = shape[1], shape[2]  # only the aspect ratio matters (the latent's downscale factor cancels)
         scale = size / max(h, w)
         tw, th = max(8, round(w * scale)), max(8, round(h * scale))
     else:
@@ -158,12 +158,21 @@ def load_thumbnails(lib: Library, seeds: Sequence[int]) -> torch.Tensor:
 # ------------------------------------------------------------------ latents and shared inputs
 
 
-def latent_shape(width: int, height: int) -> tuple[int, int, int]:
-    """An SD latent's item shape for an image size, as EmptyLatentImage makes it: (4, height // 8, width // 8).
+# ComfyUI's empty-latent nodes: 1/8 of the image with 4 channels (EmptyLatentImage; samplers widen the channels for
+# 16-channel SD3 / Flux models, comfy.sample.fix_empty_latent_channels), except Flux 2 (EmptyFlux2LatentImage:
+# 128 channels at 1/16). Keyed by the model's latent_format class name.
+LATENT_DOWNSCALE = {"Flux2": 16}
+DEFAULT_DOWNSCALE = 8
 
-    Samplers widen the channels for models that need more (comfy.sample.fix_empty_latent_channels).
+
+def latent_shape(width: int, height: int, channels: int = 4, downscale: int = DEFAULT_DOWNSCALE) -> tuple[int, int, int]:
+    """A latent's item shape for an image size, as ComfyUI's empty-latent nodes make it:
+    (channels, height // downscale, width // downscale); the defaults are EmptyLatentImage's (4, /8).
+
+    An empty 4-channel latent is widened by the samplers for models that need more channels, so nodes without a
+    model input may keep the defaults; pass the model's values (sampling.model_latent) when it is known.
     """
-    return 4, height // 8, width // 8
+    return int(channels), int(height) // int(downscale), int(width) // int(downscale)
 
 
 def empty_latent(batch: int, shape: Sequence[int]) -> dict[str, torch.Tensor]:

@@ -31,6 +31,8 @@ from .directions_runtime import (
     apply_directions,
     directions_files,
     directions_path,
+    empty_prompt_conditioning,
+    family_label,
     gather_images,
     loss_plot,
     output_path,
@@ -56,15 +58,17 @@ class NoiseCLRTrainDirections(io.ComfyNode):
                 "conditioning tokens; the edits one direction makes to different images are pulled together, those "
                 "different directions make to one image pushed apart. The model is frozen and left unchanged. Saves "
                 "models/noiseclr_directions/<name>.safetensors; checkpoints as it goes, and re-queueing resumes an "
-                "interrupted run (or extends it when you raise iterations). Long runs: scripts/noiseclr_train.py."
+                "interrupted run (or extends it when you raise iterations). Long runs: scripts/noiseclr_train.py. "
+                "Families: SD1.x/SD2.x, SDXL, SD3/SD3.5 and Flux.1; on SDXL, SD3 and Flux a direction also has a "
+                "pooled part (the prompt's pooled vector), trained with its tokens."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="The SD1.x/SD2.x model to find directions in (frozen)."),
-                io.Clip.Input("clip", tooltip="Its CLIP: encodes the empty prompt the directions start from."),
+                io.Model.Input("model", tooltip="The SD1.x/SD2.x, SDXL, SD3/SD3.5 or Flux.1 model to find directions in (frozen). The directions only apply to models of this family."),
+                io.Clip.Input("clip", tooltip="Its CLIP: encodes the empty prompt the directions start from (tokens, and the pooled vector on SDXL, SD3 and Flux)."),
                 io.Vae.Input("vae", tooltip="Its VAE: encodes the training images once."),
                 io.String.Input("image_folder", default="", tooltip="A folder inside ComfyUI's input directory with the training images (20-100 of one domain work well). Leave empty to use only the images input."),
                 io.String.Input("name", default="my_directions", tooltip="File name in models/noiseclr_directions (without .safetensors)."),
-                io.Int.Input("resolution", default=512, min=64, max=2048, step=64, tooltip="Images are scaled and centre-cropped to this square size before encoding (512 for SD1.5)."),
+                io.Int.Input("resolution", default=512, min=64, max=2048, step=64, tooltip="Images are scaled and centre-cropped to this square size before encoding (512 for SD1.5, 1024 for SDXL, SD3 and Flux)."),
                 io.Int.Input("num_directions", default=8, min=2, max=64, tooltip="K: how many directions to discover."),
                 io.Int.Input("directions_per_iteration", default=4, min=2, max=64, tooltip="Directions sampled per iteration (<= num_directions). Cost grows linearly with it."),
                 io.Int.Input("iterations", default=500, min=0, max=1_000_000, tooltip="Training iterations. Raise it and re-queue to continue a finished run."),
@@ -74,7 +78,7 @@ class NoiseCLRTrainDirections(io.ComfyNode):
                 io.Int.Input("t_min", default=100, min=0, max=999, tooltip="Smallest training timestep (of 1000): low values teach fine detail."),
                 io.Int.Input("t_max", default=900, min=0, max=999, tooltip="Largest training timestep: high values teach layout and global attributes."),
                 io.Int.Input("seed", default=0, min=0, max=SEED_MAX, control_after_generate=False, tooltip="Seed of the whole run (initialisation and every iteration's images, timesteps and noise)."),
-                io.Int.Input("token_count", default=77, min=1, max=77, tooltip="Tokens per direction, taken from the start of the empty prompt's 77. 77 batches best with prompts when applied."),
+                io.Int.Input("token_count", default=77, min=1, max=512, tooltip="Tokens per direction, taken from the start of the empty prompt's encoded rows (77 on SD1.x/SDXL; 154 on SD3: 77 CLIP then 77 T5; 256 T5 rows on Flux). At most that many. On SD1.x/SDXL 77 batches best with prompts when applied."),
                 io.Int.Input("checkpoint_every", default=50, min=1, max=100_000, tooltip="Write a resumable checkpoint every this many iterations (and when interrupted)."),
                 io.Boolean.Input("resume", default=True, tooltip="Continue from this name's checkpoint when its settings, model and images match; off starts over."),
                 io.String.Input("names", default="", tooltip="Optional names, by position ('smile, age, ...') or by index ('0=smile, 3=age')."),
@@ -168,7 +172,8 @@ class NoiseCLRApplyDirections(io.ComfyNode):
                 "Applies up to four NoiseCLR directions at once, each with a scale and a start..end range of the "
                 "sampling steps: at each step it adds scale x (eps(x, direction) - eps(x, empty prompt)) to the noise "
                 "prediction. All active directions run in one batched UNet call per step. Connect `model` to a "
-                "KSampler, or `guider` to SamplerCustomAdvanced. Warns when the directions were trained on another model."
+                "KSampler, or `guider` to SamplerCustomAdvanced. Warns when the directions were trained on another model "
+                "of the same family, and refuses directions of another family (e.g. SDXL directions on Flux)."
             ),
             inputs=[
                 io.Model.Input("model", tooltip="The model to sample with (ideally the one the directions were trained on)."),
@@ -213,11 +218,13 @@ class NoiseCLRApplyDirections(io.ComfyNode):
         slots = [(int(slot_values[f"index_{n}"]), float(slot_values[f"scale_{n}"]), float(slot_values[f"start_{n}"]),
                   float(slot_values[f"end_{n}"])) for n in range(1, SLOTS + 1)]
         patched, guidance, lines = apply_directions(model, d, slots)
-        empty_cond = [[d.empty.unsqueeze(0).clone(), {}]]
+        empty_cond = empty_prompt_conditioning(d)
         guider = comfy.samplers.CFGGuider(patched)
         guider.set_conds(positive if positive is not None else empty_cond, negative if negative is not None else empty_cond)
         guider.set_cfg(cfg)
-        report = "\n".join([f"{directions}: {d.count} directions ({d.token_count} tokens each), trained "
+        pooled = f" + pooled {d.pooled_dim}" if d.pooled_dim else ""
+        report = "\n".join([f"{directions}: {d.count} directions ({d.token_count} tokens each{pooled}, "
+                            f"{family_label(d.family)}), trained "
                             f"{d.iterations_done} iterations on {d.data.get('images', '?')} images", *lines])
         return io.NodeOutput(patched, guider, report, ui={"text": [report]})
 

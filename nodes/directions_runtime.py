@@ -7,16 +7,19 @@ node classes are in nodes/directions_nodes.py.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import comfy.conds
 import comfy.model_base
 import comfy.model_management
+import comfy.model_sampling
 import comfy.samplers
 import folder_paths
 import numpy as np
@@ -24,6 +27,7 @@ import torch
 from PIL import Image, ImageDraw, ImageOps
 
 from ..noisequery_core.directions.noiseclr import (
+    AddNoise,
     Directions,
     TrainSettings,
     check_directions_name,
@@ -134,33 +138,120 @@ def gather_images(folder: str, images: torch.Tensor | None, resolution: int) -> 
     return arrays, ", ".join(sources)
 
 
-# ------------------------------------------------------------------ the model as a differentiable eps(x, σ, context)
+# ------------------------------------------------------------------ model families
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family NoiseCLR trains and applies directions on, and how its conditioning enters the model.
+
+    key: the name stored in directions files ("sd", "sdxl", "sd3", "flux"); label: the words users see.
+    pooled: the model also takes the prompt's pooled vector (SDXL: the first part of the ADM ``y`` input,
+    the rest being size embeddings; SD3 and Flux: all of ``y``, into adaLN), so directions gain a pooled part.
+    joint: the conditioning tokens join the image tokens in joint attention (MMDiT / Flux double blocks)
+    instead of feeding cross-attention; ComfyUI batches them as CONDRegular, not CONDCrossAttn.
+    """
+
+    key: str
+    label: str
+    pooled: bool
+    joint: bool
+
+
+SD = Family("sd", "SD1.x/SD2.x", pooled=False, joint=False)
+SDXL = Family("sdxl", "SDXL", pooled=True, joint=False)
+SD3 = Family("sd3", "SD3/SD3.5", pooled=True, joint=True)
+FLUX = Family("flux", "Flux.1", pooled=True, joint=True)
+FAMILIES = {f.key: f for f in (SD, SDXL, SD3, FLUX)}
+# Flux-dev is guidance-distilled: its guidance input is part of the conditioning. Training uses ComfyUI's own
+# default (comfy.model_base.Flux.extra_conds), the value a plain CLIPTextEncode prompt samples with; applying uses
+# whatever guidance the sampled prompt carries (FluxGuidance), the same for ∅ and the directions.
+FLUX_TRAIN_GUIDANCE = 3.5
+
+
+def family_label(key: str) -> str:
+    """Words for a family key read from a file ('sdxl' -> 'SDXL'); unknown keys shown as they are."""
+    f = FAMILIES.get(key)
+    return f"{f.label} ({key!r})" if f else repr(key)
+
+
+def family_of(model: Any) -> Family:
+    """The NoiseCLR family of a MODEL, or NoiseCLRError naming why it cannot take directions.
+
+    Exact classes for the DiTs: Flux2 (Mistral conditioning), Chroma (no pooled input) and the other DiTs
+    subclass or resemble these but condition differently, and nothing here was tested on them.
+    """
+    base = model.model
+    kind = type(base.model_config).__name__
+    if type(base) is comfy.model_base.Flux:
+        cfg = base.model_config.unet_config
+        if cfg.get("in_channels", 16) != cfg.get("out_channels", 16):
+            raise NoiseCLRError(f"NoiseCLR: {kind} takes extra image channels (a Fill/inpainting or control Flux); "
+                                f"directions are trained on plain text-to-image models. Use a Flux.1 dev/schnell "
+                                f"checkpoint.")
+        if not cfg.get("vec_in_dim"):
+            raise NoiseCLRError(f"NoiseCLR: {kind} has no pooled-vector input (vector_in); it is not a Flux.1 "
+                                f"dev/schnell model, which NoiseCLR supports.")
+        return FLUX
+    if type(base) is comfy.model_base.SD3:
+        return SD3
+    if isinstance(base, (comfy.model_base.SDXL, comfy.model_base.SDXLRefiner)):
+        return SDXL
+    if type(base).__name__ in ("Flux2", "Chroma", "ChromaRadiance") or not getattr(base, "diffusion_model", None) \
+            or not isinstance(_unet_config(model).get("context_dim"), int):
+        raise NoiseCLRError(
+            f"NoiseCLR: {kind} ({type(base).__name__}) is not a family NoiseCLR supports: SD1.x/SD2.x, SDXL, SD3/SD3.5 "
+            f"and Flux.1. Directions are trained in a model's text-conditioning space, which this model lays out "
+            f"differently (or has none).")
+    if getattr(base, "adm_channels", 0):
+        raise NoiseCLRError(
+            f"NoiseCLR: {kind} takes an ADM/'y' input that is not a text prompt's pooled vector (e.g. an unCLIP image "
+            f"embedding); directions cannot stand for it. Use an SD1.x/SD2.x, SDXL, SD3 or Flux.1 checkpoint.")
+    return SD
+
+
+def _unet_config(model: Any) -> dict[str, Any]:
+    return getattr(model.model.model_config, "unet_config", {}) or {}
 
 
 def model_identity(model: Any, name: str = "") -> dict[str, Any]:
     base = model.model
-    return {"name": name, "fingerprint": _host.model_fingerprint(model),
-            "model_class": type(base.model_config).__name__, "context_dim": context_dim_of(model)}
+    out = {"name": name, "fingerprint": _host.model_fingerprint(model),
+           "model_class": type(base.model_config).__name__, "context_dim": context_dim_of(model)}
+    try:
+        out["family"] = family_of(model).key
+    except NoiseCLRError:
+        pass  # identity only: check_supported says why the model is refused
+    return out
 
 
 def context_dim_of(model: Any) -> int | None:
-    dim = (getattr(model.model.model_config, "unet_config", {}) or {}).get("context_dim")
+    """The width of the model's text-conditioning tokens (cross-attention context or joint-attention input)."""
+    cfg = _unet_config(model)
+    dim = cfg.get("context_dim") or cfg.get("context_in_dim")  # UNets / Flux
+    if not dim:
+        embedder = getattr(getattr(model.model, "diffusion_model", None), "context_embedder", None)  # MMDiT (SD3)
+        dim = getattr(embedder, "in_features", None)
     return int(dim) if dim else None
 
 
-def check_supported(model: Any) -> None:
-    """NoiseCLR here is for UNets conditioned by cross-attention only (SD1.x, SD2.x)."""
+def check_supported(model: Any) -> Family:
+    """The model's family, or NoiseCLRError saying why NoiseCLR cannot train or apply directions on it."""
     base = model.model
     kind = type(base.model_config).__name__
-    if getattr(base, "adm_channels", 0):
-        raise NoiseCLRError(
-            f"NoiseCLR: {kind} models also take a pooled text vector (ADM/'y' input, e.g. SDXL); directions here are "
-            f"cross-attention tokens only, so this model is not supported yet. Use an SD1.x or SD2.x checkpoint.")
+    family = family_of(model)
     if context_dim_of(model) is None:
-        raise NoiseCLRError(f"NoiseCLR: {kind} has no cross-attention context (context_dim); it cannot take directions.")
-    if base.model_type not in (comfy.model_base.ModelType.EPS, comfy.model_base.ModelType.V_PREDICTION):
-        raise NoiseCLRError(f"NoiseCLR: {kind} predicts {base.model_type.name}; only eps and v-prediction UNets "
-                            f"(SD1.x, SD2.x) are supported.")
+        raise NoiseCLRError(f"NoiseCLR: {kind} has no text-conditioning context; it cannot take directions.")
+    allowed = {SD.key: (comfy.model_base.ModelType.EPS, comfy.model_base.ModelType.V_PREDICTION),
+               SDXL.key: (comfy.model_base.ModelType.EPS, comfy.model_base.ModelType.V_PREDICTION),
+               SD3.key: (comfy.model_base.ModelType.FLOW,), FLUX.key: (comfy.model_base.ModelType.FLUX,)}[family.key]
+    if base.model_type not in allowed:
+        raise NoiseCLRError(f"NoiseCLR: {kind} predicts {base.model_type.name}; on {family.label} only "
+                            f"{', '.join(t.name.lower() for t in allowed)} models are supported.")
+    return family
+
+
+# ------------------------------------------------------------------ the model as a differentiable eps(x, σ, context)
 
 
 class _Forward(torch.nn.Module):
@@ -170,17 +261,60 @@ class _Forward(torch.nn.Module):
         super().__init__()
         self.base = base
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return self.base.apply_model(x, sigma, c_crossattn=context)
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor,
+                extra: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        return self.base.apply_model(x, sigma, c_crossattn=context, **(extra or {}))
 
 
-def make_predict_noise(model: Any) -> tuple[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], torch.Tensor]:
+def _rope_one(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of ``x`` [..., d] by ``freqs`` [..., d/2, 2, 2] (rotation matrices of adjacent pairs,
+    as comfy.ldm.flux.math.rope builds them), written with plain differentiable tensor ops."""
+    pairs = x.to(freqs.dtype).reshape(*x.shape[:-1], -1, 1, 2)  # [..., d/2, 1, (x0, x1)]
+    rotated = freqs[..., 0] * pairs[..., 0] + freqs[..., 1] * pairs[..., 1]  # [..., d/2, 2] = M @ (x0, x1)
+    return rotated.reshape(x.shape).type_as(x)
+
+
+def _rope_pair(xq: torch.Tensor, xk: torch.Tensor, freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _rope_one(xq, freqs), _rope_one(xk, freqs)
+
+
+@contextlib.contextmanager
+def differentiable_rope(family: Family) -> Iterator[None]:
+    """While training on Flux, its attention applies RoPE with plain tensor ops.
+
+    ComfyUI 0.8.0 routes Flux's RoPE through comfy_kitchen's fused op (torch.ops.comfy_kitchen.apply_rope),
+    which has no backward: the gradient to the direction tokens could not pass the joint attention. The
+    module global that comfy.ldm.flux.math.attention looks up is swapped for the same rotation in plain
+    ops, only around the training forward (ComfyUI runs one prompt at a time, so no sampling shares the
+    swap), and put back however the forward ends. Sampling keeps the fused op.
+    """
+    if family is not FLUX:
+        yield
+        return
+    import comfy.ldm.flux.math as flux_math
+
+    saved = flux_math.apply_rope, flux_math.apply_rope1
+    flux_math.apply_rope, flux_math.apply_rope1 = _rope_pair, _rope_one
+    try:
+        yield
+    finally:
+        flux_math.apply_rope, flux_math.apply_rope1 = saved
+
+
+def make_predict_noise(model: Any, *, y_rest: torch.Tensor | None = None, guidance: float | None = None
+                       ) -> tuple[Callable[..., torch.Tensor], torch.Tensor]:
     """(predict_noise, sigmas) for the core's training loop. Call inside inference_mode(False).
 
+    ``predict_noise(x, sigma, context, pooled=None)`` returns (x − denoised)/σ: ε for eps and v models, the
+    velocity for flow models (SD3, Flux); per image the two differ by a positive factor, which the cosine
+    loss does not see. With ``pooled`` [B, P], the model's ``y`` input is [pooled | y_rest] (``y_rest``
+    [1, R]: SDXL's size embeddings, empty for SD3/Flux); ``guidance`` feeds Flux's guidance input.
+    ``sigmas`` has 1000 entries (Flux's 10000-step table is resampled) so t_min/t_max mean the same everywhere.
+
     ComfyUI loads weights under torch.inference_mode, and inference tensors cannot be saved for
-    backward; so the forward runs on clones of the UNet's weights (torch.func.functional_call),
-    leaving the real weights untouched (the host test checks they stay bit-identical). Costs one
-    extra copy of the UNet in memory while training. Weight patches (LoRAs) are already merged
+    backward; so the forward runs on clones of the diffusion model's weights (torch.func.functional_call),
+    leaving the real weights untouched (the host tests check they stay bit-identical). Costs one
+    extra copy of the model in memory while training. Weight patches (LoRAs) are already merged
     into the weights by load_models_gpu, so a LoRA-patched MODEL trains on the patched weights.
     """
     comfy.model_management.load_models_gpu([model], force_full_load=True)
@@ -189,13 +323,70 @@ def make_predict_noise(model: Any) -> tuple[Callable[[torch.Tensor, torch.Tensor
     params = {f"base.diffusion_model.{k}": v.detach().clone() for k, v in base.diffusion_model.named_parameters()}
     params.update({f"base.diffusion_model.{k}": v.detach().clone() for k, v in base.diffusion_model.named_buffers()})
     sigmas = base.model_sampling.sigmas.detach().clone().float()
+    if sigmas.shape[0] != 1000:
+        sigmas = sigmas[torch.linspace(0, sigmas.shape[0] - 1, 1000).round().long()]
+    needs_y = bool(getattr(base, "adm_channels", 0))
+    try:
+        family: Family | None = family_of(model)
+    except NoiseCLRError:
+        family = None  # callers that train other models keep the plain forward
 
-    def predict_noise(x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        denoised = torch.func.functional_call(fwd, params, (x, sigma, context), strict=False)
-        # x = x0 + σ·ε in ComfyUI's sampling space, for eps and v-prediction models alike.
+    def call(x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor,
+             extra: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.func.functional_call(fwd, params, (x, sigma, context, extra), strict=False)
+
+    # ComfyUI's Flux blocks add their residuals in place (img += ..., x += ...) over tensors autograd has saved,
+    # which makes backward fail; functionalize runs the same forward with those writes made out-of-place
+    # (views and aliasing kept), so the values are the same and the gradient exists.
+    forward = torch.func.functionalize(call) if family is FLUX else call
+
+    def predict_noise(x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor,
+                      pooled: torch.Tensor | None = None) -> torch.Tensor:
+        extra: dict[str, torch.Tensor] = {}
+        if pooled is not None:
+            rest = y_rest if y_rest is not None else pooled.new_zeros(1, 0)
+            extra["y"] = torch.cat([pooled, rest.to(pooled).expand(pooled.shape[0], -1)], dim=1)
+        elif needs_y:
+            raise NoiseCLRError("NoiseCLR: this model takes a pooled text vector ('y'); pass the directions' pooled "
+                                "part to predict_noise.")
+        if guidance is not None:
+            extra["guidance"] = torch.full((x.shape[0],), float(guidance), device=x.device)
+        with differentiable_rope(family) if family is not None else contextlib.nullcontext():
+            denoised = forward(x, sigma, context, extra)
+        # x = x0 + σ·ε (eps, v) or (1−σ)·x0 + σ·ε (flow): (x − denoised)/σ is ε or the velocity ε − x0.
         return (x - denoised) / sigma.view(-1, *([1] * (x.dim() - 1)))
 
     return predict_noise, sigmas
+
+
+def noising_of(model: Any) -> AddNoise | None:
+    """How x_t is made in the model's sampling space: None (x0 + σ·noise, the core's default) for eps/v
+    UNets, the model's own noise_scaling for the rest (flow: (1−σ)·x0 + σ·noise)."""
+    ms = model.model.model_sampling
+    if isinstance(ms, comfy.model_sampling.EPS) and not isinstance(ms, comfy.model_sampling.CONST):
+        return None
+
+    def add_noise(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return ms.noise_scaling(sigma, noise, x0)
+
+    return add_noise
+
+
+def pooled_rest(model: Any, empty_pooled: torch.Tensor, resolution: int) -> torch.Tensor:
+    """[1, R]: the part of the model's ``y`` that is not the pooled vector, as sampling at ``resolution``
+    pixels builds it (SDXL: size embeddings, R = 1536; SD3/Flux: R = 0). Checks that ``y`` starts with the
+    pooled vector, the layout every pooled family here has."""
+    base = model.model
+    pooled = empty_pooled.float().unsqueeze(0)
+    with torch.no_grad():
+        y = base.encode_adm(pooled_output=pooled, width=resolution, height=resolution, target_width=resolution,
+                            target_height=resolution, crop_w=0, crop_h=0, prompt_type="positive",
+                            device=pooled.device)
+    p = pooled.shape[1]
+    if y is None or y.shape[1] < p or not torch.equal(y[:, :p].float().cpu(), pooled.cpu()):
+        raise NoiseCLRError(f"NoiseCLR: {type(base.model_config).__name__}'s 'y' input does not start with the prompt's "
+                            f"pooled vector ({p} wide); its directions' pooled part would not reach the model.")
+    return y[:, p:].detach().float().clone()
 
 
 def encode_images(vae: Any, model: Any, arrays: Sequence[np.ndarray], batch: int = 8) -> torch.Tensor:
@@ -215,8 +406,29 @@ def _encode(vae: Any, model: Any, arrays: Sequence[np.ndarray], batch: int) -> t
 
 def empty_encoding(clip: Any) -> torch.Tensor:
     """[T0, D]: the encoding of the empty prompt (∅), as CLIPTextEncode("") gives it."""
-    cond = clip.encode_from_tokens_scheduled(clip.tokenize(""))
-    return cond[0][0][0].detach().float().cpu()
+    return empty_conditioning(clip)[0]
+
+
+def empty_conditioning(clip: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """([T0, D], [P] or None): the empty prompt's tokens and pooled vector, as CLIPTextEncode("") gives them."""
+    return split_conditioning(clip.encode_from_tokens_scheduled(clip.tokenize("")), "the CLIP's empty prompt")
+
+
+def split_conditioning(cond: Any, where: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A one-entry CONDITIONING -> (tokens [T0, D], pooled [P] or None), on the CPU in float32."""
+    try:
+        tokens, extra = cond[0][0], cond[0][1]
+        pooled = extra.get("pooled_output")
+    except (TypeError, IndexError, KeyError, AttributeError) as exc:
+        raise NoiseCLRError(f"NoiseCLR: {where} is not a CONDITIONING ([[tokens, {{...}}]]).") from exc
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 3 or tokens.shape[0] != 1:
+        raise NoiseCLRError(f"NoiseCLR: {where} holds tokens of shape "
+                            f"{tuple(getattr(tokens, 'shape', ()))}, expected one prompt [1, T, D].")
+    if pooled is not None and (not isinstance(pooled, torch.Tensor) or pooled.dim() != 2 or pooled.shape[0] != 1):
+        raise NoiseCLRError(f"NoiseCLR: {where} holds a pooled vector of shape "
+                            f"{tuple(getattr(pooled, 'shape', ()))}, expected [1, P].")
+    return (tokens[0].detach().float().cpu(),
+            pooled[0].detach().float().cpu() if pooled is not None else None)
 
 
 def loss_plot(losses: Sequence[float], width: int = 512, height: int = 256) -> torch.Tensor:
@@ -246,13 +458,16 @@ def loss_plot(losses: Sequence[float], width: int = 512, height: int = 256) -> t
 def run_training(model: Any, clip: Any, vae: Any, arrays: Sequence[np.ndarray], source: str, settings: TrainSettings,
                  out_path: Path, *, label: str = "", model_name: str = "", names: str = "", resume: bool = True,
                  progress: Progress = no_progress,
-                 check_cancel: CheckCancel = never_cancel) -> tuple[Directions, str]:
+                 check_cancel: CheckCancel = never_cancel,
+                 empty_cond: Any = None) -> tuple[Directions, str]:
     """Everything the train node and scripts/noiseclr_train.py do: encode, train, save. Returns (directions, report).
 
     ``progress`` and ``check_cancel`` follow the core's long-work contract (noisequery_core.work): the node
     passes a ``_host.NodeWork``'s; a stop raises out of here after the checkpoint is written.
+    ``empty_cond``: the empty prompt's CONDITIONING, used instead of encoding "" with ``clip`` (which may then
+    be None); for text encoders one cannot load, or to pick the encoders' empty prompt by hand.
     """
-    check_supported(model)
+    family = check_supported(model)
     base_model = model_identity(model, model_name)
     data = {"images": len(arrays), "fingerprint": data_fingerprint(arrays), "resolution": int(arrays[0].shape[0]),
             "source": source}
@@ -268,24 +483,45 @@ def run_training(model: Any, clip: Any, vae: Any, arrays: Sequence[np.ndarray], 
             return done, f"{label or out_path.name}: already trained with these settings, model and images (nothing to do).\n" \
                          f"{loss_summary(done.loss_history)}"
 
-    empty = empty_encoding(clip)
+    if empty_cond is not None:
+        empty, empty_pooled = split_conditioning(empty_cond, "empty_conditioning")
+    elif clip is not None:
+        empty, empty_pooled = empty_conditioning(clip)
+    else:
+        raise NoiseCLRError("NoiseCLR Train Directions: connect the model's CLIP (it encodes the empty prompt the "
+                            "directions start from), or an empty prompt's CONDITIONING to empty_conditioning.")
     dim = context_dim_of(model)
     if empty.shape[1] != dim:
-        raise NoiseCLRError(f"the CLIP's encoding is {empty.shape[1]} wide but the model's cross-attention expects {dim}; "
-                            f"connect the CLIP that belongs to this checkpoint.")
+        raise NoiseCLRError(f"the empty prompt's encoding is {empty.shape[1]} wide but the {family.label} model's "
+                            f"text conditioning expects {dim}; connect the CLIP that belongs to this checkpoint.")
+    if family.pooled and empty_pooled is None:
+        raise NoiseCLRError(f"the empty prompt's encoding has no pooled vector ('pooled_output'), which {family.label} "
+                            f"models also take; connect the CLIP that belongs to this checkpoint.")
+    if not family.pooled:
+        empty_pooled = None  # SD1.x/SD2.x take tokens only; a pooled vector from the CLIP would not reach them
+    resolution = int(arrays[0].shape[0])
+    y_rest = pooled_rest(model, empty_pooled, resolution) if empty_pooled is not None else None
+    guidance = FLUX_TRAIN_GUIDANCE if family is FLUX and _unet_config(model).get("guidance_embed") else None
+    if guidance is not None:
+        base_model["guidance"] = guidance
     ckpt = checkpoint_path_for(out_path)
     device = comfy.model_management.get_torch_device()
     # ComfyUI runs nodes under torch.inference_mode(); training needs autograd, on normal tensors.
     encoded = encode_images(vae, model, arrays)  # no gradient needed: encoded once, as the node runs
     with torch.inference_mode(False), torch.enable_grad():
         latents = encoded.clone().to(device)
-        predict, sigmas = make_predict_noise(model)
+        predict, sigmas = make_predict_noise(model, y_rest=y_rest.clone().to(device) if y_rest is not None else None,
+                                             guidance=guidance)
         d = train_directions(latents, empty.clone(), predict, sigmas, settings, checkpoint_path=ckpt, resume=resume,
                              base_model=base_model, data=data, names=name_list, progress=progress,
-                             check_cancel=check_cancel, device=device)
+                             check_cancel=check_cancel, device=device,
+                             empty_pooled=empty_pooled.clone() if empty_pooled is not None else None,
+                             add_noise=noising_of(model), family=family.key)
         del predict  # drops the weight clones
     save_directions(out_path, d)
-    report = (f"{label or out_path.name}: {d.count} directions x {d.token_count} tokens x {d.context_dim} trained on {source} "
+    pooled = f" + a pooled part of {d.pooled_dim}" if d.pooled_dim else ""
+    report = (f"{label or out_path.name}: {d.count} directions x {d.token_count} tokens x {d.context_dim}{pooled} "
+              f"({family.label}) trained on {source} "
               f"at {data['resolution']}px for {d.iterations_done} iterations\n{loss_summary(d.loss_history)}\n"
               f"checkpoint (resume / extend iterations): {ckpt.name}\nbase model: {base_model['model_class']} "
               f"{base_model['name'] or ''} fingerprint {base_model['fingerprint']}")
@@ -303,13 +539,25 @@ class DirectionGuidance:
     for eps and v models. ∅ and every active direction go to the UNet in ONE calc_cond_batch call, which
     batches them; ∅ is the empty prompt stored in the file, so neither the negative prompt nor cfg=1's
     skipped uncond pass matter. Directions outside their start..end range, or at scale 0, are not run.
+    Flow models (SD3, Flux): the same sum in denoised space is scale·Δv, the edit to the velocity.
+
+    Pooled families: ``empty_pooled`` [P] and ``pooled`` (one [P] per item) replace the first P entries of the
+    sampled prompt's ``y`` (SDXL: the rest is its size embeddings, kept; SD3/Flux: all of it). ``joint``: the
+    tokens are passed as CONDRegular, the way ComfyUI batches SD3/Flux conditioning.
     """
 
     def __init__(self, empty: torch.Tensor, items: Sequence[tuple[torch.Tensor, float, float, float]],
-                 batched: bool = True):
+                 batched: bool = True, *, empty_pooled: torch.Tensor | None = None,
+                 pooled: Sequence[torch.Tensor] | None = None, joint: bool = False):
+        if (empty_pooled is None) != (pooled is None) or (pooled is not None and len(pooled) != len(items)):
+            raise NoiseCLRError("DirectionGuidance: give empty_pooled and one pooled vector per direction, or neither.")
         self.empty = empty.unsqueeze(0).float()  # [1, T0, D]
-        self.items = [(tok.unsqueeze(0).float(), float(scale), float(start), float(end))
-                      for tok, scale, start, end in items if scale != 0.0]
+        self.empty_pooled = empty_pooled.unsqueeze(0).float() if empty_pooled is not None else None  # [1, P]
+        kept = [i for i, (_, scale, _, _) in enumerate(items) if scale != 0.0]
+        self.items = [(items[i][0].unsqueeze(0).float(), float(items[i][1]), float(items[i][2]), float(items[i][3]))
+                      for i in kept]
+        self.pooled = [pooled[i].unsqueeze(0).float() for i in kept] if pooled is not None else None
+        self.cond_class = comfy.conds.CONDRegular if joint else comfy.conds.CONDCrossAttn
         self.batched = batched  # False runs one UNet call per direction (the reference cost; for bench only)
         self._uuids = [uuid.uuid4() for _ in range(len(self.items) + 1)]
         self.calls = 0
@@ -323,9 +571,18 @@ class DirectionGuidance:
                 out.append(i)
         return out
 
-    def _cond(self, tokens: torch.Tensor, i: int, extra: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    def _cond(self, tokens: torch.Tensor, i: int, extra: dict[str, Any], device: torch.device,
+              pooled: torch.Tensor | None = None) -> dict[str, Any]:
         model_conds = dict(extra)
-        model_conds["c_crossattn"] = comfy.conds.CONDCrossAttn(tokens.to(device))
+        model_conds["c_crossattn"] = self.cond_class(tokens.to(device))
+        if pooled is not None:
+            y = extra.get("y")
+            if y is None:
+                raise NoiseCLRError("NoiseCLR: the prompt being sampled carries no pooled vector ('y'), which these "
+                                    "directions' pooled part replaces; sample with a prompt from this model's CLIP.")
+            rest = y.cond[:, pooled.shape[1]:]
+            y_new = torch.cat([pooled.to(rest).expand(rest.shape[0], -1), rest], dim=1)
+            model_conds["y"] = comfy.conds.CONDRegular(y_new)
         return {"model_conds": model_conds, "uuid": self._uuids[i]}
 
     def delta(self, base: Any, x: torch.Tensor, sigma: torch.Tensor, model_options: dict[str, Any],
@@ -336,8 +593,9 @@ class DirectionGuidance:
         # Other model inputs (e.g. an inpainting model's c_concat) come from the positive cond, the same for ∅
         # and the directions, so they cancel in the difference.
         extra = {k: v for k, v in ((template or [{}])[0].get("model_conds") or {}).items() if k != "c_crossattn"}
-        conds = [[self._cond(self.empty, 0, extra, x.device)]]
-        conds += [[self._cond(self.items[i][0], i + 1, extra, x.device)] for i in on]
+        conds = [[self._cond(self.empty, 0, extra, x.device, self.empty_pooled)]]
+        conds += [[self._cond(self.items[i][0], i + 1, extra, x.device, self.pooled[i] if self.pooled else None)]
+                  for i in on]
         self.calls += 1
         if self.batched:
             outs = comfy.samplers.calc_cond_batch(base, conds, x, sigma, model_options)
@@ -369,14 +627,34 @@ def parse_slots(d: Directions, slots: Sequence[tuple[int, float, float, float]])
     return used
 
 
+def empty_prompt_conditioning(d: Directions) -> list[list[Any]]:
+    """The file's ∅ as a CONDITIONING (tokens, and the pooled vector where the family has one)."""
+    extra: dict[str, Any] = {}
+    if d.empty_pooled is not None:
+        extra["pooled_output"] = d.empty_pooled.unsqueeze(0).clone()
+    return [[d.empty.unsqueeze(0).clone(), extra]]
+
+
 def apply_directions(model: Any, d: Directions, slots: Sequence[tuple[int, float, float, float]],
                      batched: bool = True) -> tuple[Any, DirectionGuidance, list[str]]:
-    """(patched clone of model, the guidance, report lines). Nothing is patched when no slot acts."""
-    check_supported(model)
+    """(patched clone of model, the guidance, report lines). Nothing is patched when no slot acts.
+
+    Directions apply only to the family they were trained on (NoiseCLRError naming both families otherwise).
+    """
+    family = check_supported(model)
+    if d.family != family.key:
+        raise NoiseCLRError(f"these directions were trained on the {family_label(d.family)} family "
+                            f"({d.base_model.get('model_class', '?')}), but the connected model is {family.label} "
+                            f"({family.key!r}, {type(model.model.model_config).__name__}). Directions live in one "
+                            f"family's conditioning space; train a set on this model with NoiseCLR Train Directions.")
     dim = context_dim_of(model)
     if dim != d.context_dim:
         raise NoiseCLRError(f"these directions are {d.context_dim} wide (trained on {d.base_model.get('model_class', '?')}) "
-                            f"but the model's cross-attention takes {dim}: they belong to another model family.")
+                            f"but the model's text conditioning takes {dim}: they belong to another model of the "
+                            f"{family.label} family (e.g. SD2.x directions on SD1.x).")
+    if family.pooled and d.pooled is None:
+        raise NoiseCLRError(f"these directions have no pooled part, which {family.label} models need; the file is "
+                            f"damaged or was not trained by NoiseQuery. Train them again on this model.")
     used = parse_slots(d, slots)
     lines = []
     fp = d.base_model.get("fingerprint")
@@ -388,8 +666,10 @@ def apply_directions(model: Any, d: Directions, slots: Sequence[tuple[int, float
                    f"They may do something else, or little, on this model.")
             log.warning("NoiseCLR: %s", msg)
             lines.append(msg)
+    pooled = [d.pooled[i] for i, _, _, _ in used] if family.pooled and d.pooled is not None else None
     guidance = DirectionGuidance(d.empty, [(d.directions[i], scale, start, end) for i, scale, start, end in used],
-                                 batched=batched)
+                                 batched=batched, empty_pooled=d.empty_pooled if pooled is not None else None,
+                                 pooled=pooled, joint=family.joint)
     patched = model.clone()
     if guidance.items:
         patched.set_model_sampler_post_cfg_function(guidance)

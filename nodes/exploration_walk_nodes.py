@@ -25,12 +25,27 @@ from ..noisequery_core.exploration.interp import (
 )
 from ._glue import MadeNoise, empty_latent, latent_shape, latent_size_inputs, seed_input
 from ._validate import check_numbers, require_numbers
+from .sampling import model_latent
 
 MAX_STEPS = 256
 T_LIMIT = 8.0
 # The frontend rounds floats to the step's decimals: 0.0001 lets a factor move in tiny steps (a strip over a
 # small t range goes finer still).
 T_STEP = 0.0001
+
+
+def _model_input() -> Any:
+    return io.Model.Input(
+        "model", optional=True,
+        tooltip="Optional: the model you will sample with. The latent output then has its channels and size (e.g. "
+                "16 channels for SD3/Flux); without it the latent is EmptyLatentImage's, which the samplers widen "
+                "to the model's channels.")
+
+
+def _walk_latent(batch: int, width: int, height: int, model: Any) -> dict[str, torch.Tensor]:
+    if model is None:
+        return empty_latent(batch, latent_shape(width, height))
+    return empty_latent(batch, latent_shape(width, height, *model_latent(model)))
 
 
 class NoiseQuerySeedSlerp(io.ComfyNode):
@@ -56,6 +71,7 @@ class NoiseQuerySeedSlerp(io.ComfyNode):
                 io.Float.Input("t_start", default=0.0, min=-T_LIMIT, max=T_LIMIT, step=T_STEP, tooltip="Factor of the first item: 0 = seed A, 1 = seed B; below 0 extrapolates beyond A."),
                 io.Float.Input("t_end", default=1.0, min=-T_LIMIT, max=T_LIMIT, step=T_STEP, tooltip="Factor of the last item; above 1 extrapolates beyond B. A small range gives arbitrarily small steps."),
                 *latent_size_inputs(),
+                _model_input(),
             ],
             outputs=[
                 io.Noise.Output(display_name="noise", tooltip="For SamplerCustomAdvanced: item i is the interpolated noise at t_i (items repeat if the latent batch is larger)."),
@@ -71,7 +87,7 @@ class NoiseQuerySeedSlerp(io.ComfyNode):
 
     @classmethod
     def execute(cls, seed_a: int, seed_b: int, steps: int, t_start: float, t_end: float, width: int,
-                height: int) -> io.NodeOutput:
+                height: int, model: Any = None) -> io.NodeOutput:
         require_numbers(cls, {"t_start": t_start, "t_end": t_end})  # linked values are unchecked at queue time
         ts = interpolation_ts(steps, t_start, t_end)
 
@@ -80,7 +96,7 @@ class NoiseQuerySeedSlerp(io.ComfyNode):
 
         report = f"slerp seed {seed_a} -> seed {seed_b}, {steps} steps\n" + "\n".join(
             f"item {i}: t={t:.6g}" for i, t in enumerate(ts))
-        return io.NodeOutput(MadeNoise(seed_a, len(ts), make), empty_latent(len(ts), latent_shape(width, height)), report,
+        return io.NodeOutput(MadeNoise(seed_a, len(ts), make), _walk_latent(len(ts), width, height, model), report,
                              ui={"text": [report]})
 
 
@@ -105,6 +121,7 @@ class NoiseQuerySeedGrid(io.ComfyNode):
                 io.Int.Input("rows", default=3, min=1, max=16, tooltip="Cells from top to bottom."),
                 io.Int.Input("columns", default=3, min=1, max=16, tooltip="Cells from left to right."),
                 *latent_size_inputs(),
+                _model_input(),
             ],
             outputs=[
                 io.Noise.Output(display_name="noise", tooltip="For SamplerCustomAdvanced: rows x columns noises, row by row."),
@@ -115,7 +132,7 @@ class NoiseQuerySeedGrid(io.ComfyNode):
 
     @classmethod
     def execute(cls, seed_top_left: int, seed_top_right: int, seed_bottom_left: int, seed_bottom_right: int,
-                rows: int, columns: int, width: int, height: int) -> io.NodeOutput:
+                rows: int, columns: int, width: int, height: int, model: Any = None) -> io.NodeOutput:
         corners = (seed_top_left, seed_top_right, seed_bottom_left, seed_bottom_right)
 
         def make(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
@@ -124,7 +141,7 @@ class NoiseQuerySeedGrid(io.ComfyNode):
         coords = grid_coordinates(rows, columns)
         report = f"seed grid {rows} x {columns} over corners {corners}\n" + "\n".join(
             f"item {i} (row {i // columns}, column {i % columns}): u={u:.4g} v={v:.4g}" for i, (u, v) in enumerate(coords))
-        return io.NodeOutput(MadeNoise(seed_top_left, len(coords), make), empty_latent(len(coords), latent_shape(width, height)),
+        return io.NodeOutput(MadeNoise(seed_top_left, len(coords), make), _walk_latent(len(coords), width, height, model),
                              report, ui={"text": [report]})
 
 

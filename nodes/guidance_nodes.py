@@ -10,11 +10,12 @@ import torch
 from comfy_api.latest import io
 
 from ..noisequery_core.errors import HighlightError
+from ..noisequery_core.guidance.joint import JointModel
 from ..noisequery_core.guidance.preview import region_preview, summary_lines
 from ..noisequery_core.guidance.regions import phrase_boxes
 from ..noisequery_core.guidance.schedule import SCHEDULES, GuideSettings
 from ..noisequery_core.guidance.strokes import EMPTY_HIGHLIGHTS, Highlight, check_masks, parse_strokes, read_highlights
-from ..noisequery_core.guidance.tokens import phrase_token_columns
+from ..noisequery_core.guidance.tokens import phrase_token_columns, segment_token_columns
 from ._glue import data_url
 from ._validate import numbers_problem, require_numbers
 from .guidance_runtime import HighlightRuntime, install
@@ -45,22 +46,38 @@ def phrase_tokenizer(clip: Any) -> Callable[[str], list[int]]:
     return lambda phrase: [int(i) for i in hf(phrase)["input_ids"][1:-1]]
 
 
-def check_model(model: Any) -> Any:
-    """The model's model_sampling, after checking its UNet is one whose cross-attention we can guide."""
+def check_model(model: Any) -> tuple[Any, JointModel | None]:
+    """The model's model_sampling and, for a joint-attention transformer (SD3 MMDiT, Flux), its layout facts; after
+    checking the diffusion model is one whose attention the guide can place phrases in."""
     try:
+        import comfy.ldm.flux.model as flux
+        import comfy.ldm.modules.diffusionmodules.mmdit as mmdit
         import comfy.ldm.modules.diffusionmodules.openaimodel as oai
-        unet = model.model.diffusion_model
+        net = model.model.diffusion_model
     except Exception as exc:  # not a ModelPatcher of a diffusion model
         raise HighlightError(f"HighlightScribbleGuide: the model input is not a diffusion model ({exc})") from exc
-    if not isinstance(unet, oai.UNetModel) or getattr(unet, "num_classes", None) not in (None, "sequential"):
+    joint: JointModel | None = None
+    if isinstance(net, flux.Flux):
+        if any(getattr(b, "flipped_img_txt", False) for b in getattr(net, "double_blocks", [])):
+            raise HighlightError(f"HighlightScribbleGuide: {type(model.model).__name__} puts the image before the text "
+                                 "in its joint attention; the guide knows Flux's text-then-image layout only")
+        joint = JointModel("flux", int(net.patch_size))
+    elif isinstance(net, mmdit.MMDiT):
+        joint = JointModel("sd3", int(net.patch_size), int(getattr(net, "register_length", 0) or 0))
+    elif not isinstance(net, oai.UNetModel) or getattr(net, "num_classes", None) not in (None, "sequential"):
         raise HighlightError(f"HighlightScribbleGuide: cannot guide a {type(model.model).__name__} "
-                             f"({type(unet).__name__}); it patches the cross-attention of SD1.x and SDXL UNets. "
-                             "Connect an SD1.x or SDXL checkpoint's MODEL")
+                             f"({type(net).__name__}); it patches the cross-attention of SD1.x and SDXL UNets and the "
+                             "joint attention of SD3 (MMDiT) and Flux. Connect one of those checkpoints' MODEL")
     ms = model.get_model_object("model_sampling")
+    if joint is not None:
+        if not hasattr(ms, "percent_to_sigma"):
+            raise HighlightError(f"HighlightScribbleGuide: {type(ms).__name__} sampling has no percent_to_sigma; the "
+                                 "guide cannot tell how far sampling is")
+        return ms, joint
     if not hasattr(ms, "timestep") or not hasattr(ms, "sigmas"):
         raise HighlightError(f"HighlightScribbleGuide: {type(ms).__name__} sampling is not supported (needs the "
                              "discrete-timestep sampling of SD1.x / SDXL)")
-    return ms
+    return ms, None
 
 
 def sigma_to_percent_fn(ms: Any) -> Callable[[float], float]:
@@ -72,6 +89,86 @@ def sigma_to_percent_fn(ms: Any) -> Callable[[float], float]:
         return min(max(1.0 - t / last, 0.0), 1.0)
 
     return f
+
+
+def flow_sigma_to_percent_fn(ms: Any) -> Callable[[float], float]:
+    """sigma -> sampling progress for any model_sampling with a decreasing ``percent_to_sigma`` (SD3's and Flux's
+    flow sampling with their shifts): its inverse by bisection, remembered per sigma (every attention call of a step
+    asks for the same one)."""
+    memo: dict[float, float] = {}
+
+    def f(sigma: float) -> float:
+        got = memo.get(sigma)
+        if got is not None:
+            return got
+        lo, hi = 0.0, 1.0
+        for _ in range(40):  # 1e-12 of the range
+            mid = 0.5 * (lo + hi)
+            if float(ms.percent_to_sigma(mid)) > sigma:
+                lo = mid
+            else:
+                hi = mid
+        if len(memo) > 4096:
+            memo.clear()
+        memo[sigma] = 0.5 * (lo + hi)
+        return memo[sigma]
+
+    return f
+
+
+def _hf_phrase_ids(sub: Any, what: str) -> Callable[[str], list[int]]:
+    """phrase -> ids without start/end tokens, with one of ComfyUI's SDTokenizer wrappers (CLIP or T5)."""
+    hf = getattr(sub, "tokenizer", None)
+    if hf is None:
+        raise HighlightError(f"HighlightScribbleGuide: this CLIP has no {what} tokenizer")
+    start, end = getattr(sub, "start_token", None), getattr(sub, "end_token", None)
+
+    def ids(phrase: str) -> list[int]:
+        out = [int(i) for i in hf(phrase)["input_ids"]]
+        if out and start is not None and out[0] == start:
+            out = out[1:]
+        if out and end is not None and out[-1] == end:
+            out = out[:-1]
+        return out
+
+    return ids
+
+
+def conditioning_segments(tokens: dict[str, Any], clip: Any, ctx_len: int
+                          ) -> list[tuple[list[list[int]], Callable[[str], list[int]]]]:
+    """The encoders' token rows in the order the conditioning lays them along the sequence, each with its tokenizer.
+
+    SD1.x/SDXL: the CLIP rows (CLIP-L and CLIP-G side by side in the features, one set of positions). SD3: the
+    CLIP rows, then the T5 rows (sd3_clip concatenates them along the tokens; either part is absent when its
+    encoder is). Flux: the T5 rows only (CLIP-L gives the pooled vector). The layout is the one whose length is the
+    conditioning's.
+
+    Raises:
+        HighlightError: no layout the guide knows has the conditioning's length.
+    """
+    tk = clip.tokenizer
+    csm = getattr(clip, "cond_stage_model", None)
+    segs: dict[str, tuple[list[list[int]], Callable[[str], list[int]]]] = {}
+    clip_key = "l" if "l" in tokens else ("g" if "g" in tokens else None)
+    has = {name: getattr(csm, attr, True) is not None for name, attr in (("clip", "clip_l"), ("t5", "t5xxl"))}
+    has["clip"] = has["clip"] or getattr(csm, "clip_g", None) is not None
+    if clip_key is not None and has["clip"]:
+        sub = getattr(tk, f"clip_{clip_key}", None) or getattr(tk, getattr(tk, "clip", ""), None)
+        segs["clip"] = (tokenizer_rows({clip_key: tokens[clip_key]}), _hf_phrase_ids(sub, "CLIP-L"))
+    if "t5xxl" in tokens and has["t5"]:
+        segs["t5"] = ([[int(t[0]) for t in row] for row in tokens["t5xxl"]], _hf_phrase_ids(tk.t5xxl, "T5"))
+    layouts = [["clip", "t5"], ["t5"], ["clip"]] if "t5" in segs else [["clip"]]
+    tried = []
+    for names in layouts:
+        if all(n in segs for n in names):
+            parts = [segs[n] for n in names]
+            total = sum(len(r) for rows, _ in parts for r in rows)
+            if total == ctx_len:
+                return parts
+            tried.append(f"{'+'.join(names)} ({total})")
+    raise HighlightError(f"HighlightScribbleGuide: the text encoder gave {ctx_len} tokens, but the tokenizer's layouts "
+                         f"give {', '.join(tried) or 'none'}; this CLIP lays out tokens in a way the guide does not "
+                         "know (it knows SD1.x/SDXL CLIP, SD3 CLIP+T5 and Flux T5)")
 
 
 def ground_with_gligen(conditioning: list[Any], clip: Any, gligen: Any, highlights: list[Highlight], width: int,
@@ -109,9 +206,11 @@ class HighlightScribbleGuide(io.ComfyNode):
                 "lowered outside (a bias on the attention logits, through ComfyUI's attention wrapper; it chains "
                 "with other attention patches, but layers another pack has *replaced* with its own attention are "
                 "not guided). Optional refocusing moves the latent along the gradient of an attention loss in the "
-                "first steps (slower: one extra forward + backward per iteration). SD1.x and SDXL UNets."),
+                "first steps (slower: one extra forward + backward per iteration). SD1.x and SDXL UNets (cross-attention); "
+                "SD3 and Flux (joint attention: the image's attention to the phrase and the phrase's attention to the "
+                "image are both raised inside the region, at every block; phrases are found in the T5 and CLIP tokens)."),
             inputs=[
-                io.Model.Input("model", tooltip="The SD1.x / SDXL model to guide (it is cloned; the input stays unpatched)."),
+                io.Model.Input("model", tooltip="The SD1.x / SDXL / SD3 / Flux model to guide (it is cloned; the input stays unpatched)."),
                 io.Clip.Input("clip", tooltip="The CLIP of the same checkpoint: encodes the prompt and finds which tokens each phrase occupies."),
                 io.String.Input("prompt", multiline=True, default="a cat and a red ball on a lawn",
                                 tooltip="The positive prompt. Every highlighted phrase must appear in it word for word."),
@@ -193,20 +292,31 @@ class HighlightScribbleGuide(io.ComfyNode):
         if end_percent <= start_percent:
             raise HighlightError(f"end_percent ({end_percent}) must be greater than start_percent ({start_percent})")
         groups = read_highlights(highlights, list(mask_highlights or []))
-        ms = check_model(model)
+        ms, joint = check_model(model)
+        if joint is not None and joint.family == "flux" and refocus_percent > 0 and refocus_iterations > 0:
+            # Checked by tests/host/test_highlight_joint.py, which fails once ComfyUI's Flux becomes differentiable.
+            raise HighlightError("HighlightScribbleGuide: refocusing cannot run on Flux: ComfyUI's Flux blocks add to "
+                                 "their activations in place and apply the rotary embedding with a kernel "
+                                 "(comfy_kitchen) that has no backward, so there is no gradient of the attention maps "
+                                 "with respect to the latent. Set refocus_percent to 0; the attention guidance itself "
+                                 "works on Flux")
         tokens = clip.tokenize(prompt)
-        columns, total = phrase_token_columns(groups, tokenizer_rows(tokens), phrase_tokenizer(clip), prompt)
         conditioning = clip.encode_from_tokens_scheduled(tokens)
         ctx_len = int(conditioning[0][0].shape[1])
-        if ctx_len != total:
-            raise HighlightError(f"HighlightScribbleGuide: the text encoder gave {ctx_len} tokens for {total} tokenizer "
-                                 "positions; this CLIP lays out tokens in a way the guide does not know")
+        if joint is None:
+            columns, total = phrase_token_columns(groups, tokenizer_rows(tokens), phrase_tokenizer(clip), prompt)
+            if ctx_len != total:
+                raise HighlightError(f"HighlightScribbleGuide: the text encoder gave {ctx_len} tokens for {total} "
+                                     "tokenizer positions; this CLIP lays out tokens in a way the guide does not know")
+        else:
+            columns, _ = segment_token_columns(groups, conditioning_segments(tokens, clip, ctx_len), prompt)
         if gligen is not None:
             conditioning = ground_with_gligen(conditioning, clip, gligen, groups, width, height, edge_softness)
         settings = GuideSettings(strength=strength, start_percent=start_percent, end_percent=end_percent,
                                  schedule=schedule, softness=edge_softness, refocus_steps_percent=refocus_percent,
                                  refocus_iterations=refocus_iterations, refocus_step_size=refocus_step_size)
-        runtime = HighlightRuntime(groups, columns, ctx_len, settings, sigma_to_percent_fn(ms), width / height)
+        to_percent = sigma_to_percent_fn(ms) if joint is None else flow_sigma_to_percent_fn(ms)
+        runtime = HighlightRuntime(groups, columns, ctx_len, settings, to_percent, width / height, joint=joint)
         patched = install(model, runtime)
         lines = summary_lines(groups, columns, width, height, edge_softness)
         log.info("HighlightScribbleGuide: %s", "; ".join(lines))

@@ -10,6 +10,10 @@ How it attaches (and why it composes with other packs):
   ControlNets of other packs keep working. An attn2 *replace* patch of another pack (IPAdapter
   style) computes attention itself without this wrapper: those layers are left unguided, which
   ``HighlightRuntime.layers_seen`` lets the node report.
+* On SD3 (MMDiT) and Flux the same override sees each block's joint attention (text then image tokens in one
+  sequence). Those models do not tell the attention the latent's size, so an APPLY_MODEL wrapper (also a
+  composing wrapper) records it, with the text length, in the call's transformer_options; the override then lays
+  out the sequence and adds the two-sided bias of noisequery_core.guidance.joint.
 * Refocusing is a PREDICT_NOISE wrapper (ComfyUI's wrapper list, so it also composes): in its
   steps it runs the positive conditioning once with gradients, takes the refocus loss
   (noisequery_core.guidance.refocus) on the captured attention maps, moves the latent against
@@ -39,6 +43,15 @@ from ..noisequery_core.guidance.attention import (
     split_heads,
     tile_keys,
 )
+from ..noisequery_core.guidance.joint import (
+    JointLayout,
+    JointModel,
+    joint_bias,
+    joint_layout,
+    joint_phrase_probs,
+    patch_grid,
+    phrase_key_positions,
+)
 from ..noisequery_core.guidance.refocus import PhraseAttention, refocus_loss_over_layers, refocus_step
 from ..noisequery_core.guidance.regions import level_shape, region_stack
 from ..noisequery_core.guidance.schedule import GuideSettings
@@ -49,6 +62,9 @@ log = logging.getLogger("noisequery")
 OVERRIDE_KEY = "optimized_attention_override"
 CAPTURE_KEY = "noisequery_highlight_capture"
 WRAPPER_KEY = "noisequery_highlight"
+# Set by the APPLY_MODEL wrapper on joint-attention models: (latent h, latent w, text tokens) of the call, which
+# Flux and MMDiT do not put in transformer_options themselves (UNets do: "original_shape").
+SHAPE_KEY = "noisequery_highlight_shape"
 
 
 class _Capture:
@@ -64,7 +80,8 @@ class HighlightRuntime:
 
     def __init__(self, highlights: Sequence[Highlight], token_columns: Sequence[Sequence[int]], context_len: int,
                  settings: GuideSettings, sigma_to_percent: Callable[[float], float], aspect: float,
-                 previous_override: Callable[..., Any] | None = None):
+                 previous_override: Callable[..., Any] | None = None, joint: JointModel | None = None):
+        self.joint = joint  # None: a UNet's cross-attention; else the joint-attention model's layout facts
         self.highlights = list(highlights)
         self.token_columns = [list(c) for c in token_columns]
         self.context_len = int(context_len)
@@ -74,6 +91,8 @@ class HighlightRuntime:
         self.previous_override = previous_override
         self._maps: dict[tuple[int, int], torch.Tensor] = {}
         self._bias: dict[tuple[Any, ...], torch.Tensor] = {}
+        self._joint_unit: dict[tuple[Any, ...], torch.Tensor] = {}
+        self._joint_masks: dict[tuple[Any, ...], torch.Tensor] = {}
         self._lock = threading.Lock()
         self.layers_seen = 0  # cross-attention calls that received a bias (diagnostics, tests)
         self.refocus_calls = 0
@@ -125,14 +144,88 @@ class HighlightRuntime:
             return self.previous_override(func, *args, **kwargs)
         return func(*args, **kwargs)
 
+    def joint_mask_for(self, layout: JointLayout, weight: float, rows: torch.Tensor, device: torch.device,
+                       dtype: torch.dtype) -> torch.Tensor:
+        """[B, N, N] additive mask of one joint-attention call without a caller's mask: the bias on the positive rows.
+
+        The bias is linear in the weight, so the weight-1 bias goes to the device once per layout and each step
+        scales it there; the batch mask is kept for the step's many calls (every block has the same layout).
+        """
+        flags = tuple(bool(r) for r in rows.tolist())
+        key = (layout, round(weight, 6), flags, str(device), dtype)
+        with self._lock:
+            got = self._joint_masks.get(key)
+        if got is not None:
+            return got
+        unit_key = (layout, str(device))
+        with self._lock:
+            unit = self._joint_unit.get(unit_key)
+        if unit is None:
+            unit = joint_bias(self.regions(*layout.grid), self.token_columns, self.context_len, layout, 1.0,
+                              self.settings.inside, self.settings.outside).to(device)
+            with self._lock:
+                if len(self._joint_unit) > 4:
+                    self._joint_unit.clear()
+                self._joint_unit[unit_key] = unit
+        bias = (unit * weight).to(dtype)
+        got = bias[None] * rows.to(device=device, dtype=dtype)[:, None, None] if not all(flags) else bias[None]
+        with self._lock:
+            if len(self._joint_masks) > 4:  # a step's weight differs from the last one's: older masks are done
+                self._joint_masks.clear()
+            self._joint_masks[key] = got
+        return got
+
+    def _joint_call(self, func: Callable[..., Any], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
+                    mask: torch.Tensor | None, kwargs: dict[str, Any], to: dict[str, Any], skip: bool) -> Any:
+        """One attention call of a joint-attention model: guided when it runs over the text and the image."""
+        assert self.joint is not None
+        args = (q, k, v, heads)
+        n = q.shape[2] if skip else q.shape[1]
+        nk = k.shape[2] if skip else k.shape[1]
+        shape = to.get(SHAPE_KEY)
+        if nk != n or shape is None:
+            return self._next(func, args, kwargs)
+        rows = cond_rows(q.shape[0], to.get("cond_or_uncond") or [0], device=q.device)
+        if not bool(rows.any()):
+            # Only negative prompts in this call: nothing to guide. SD3 and Flux batch conditionings of different
+            # lengths in separate calls (CONDRegular), so this one's text need not fit the guide's prompt.
+            return self._next(func, args, kwargs)
+        layout = joint_layout(n, int(shape[2]), patch_grid((int(shape[0]), int(shape[1])), self.joint.patch),
+                              self.joint.text_offset)
+        if layout is None:  # e.g. SD3.5's image-only self-attention: no text to guide
+            return self._next(func, args, kwargs)
+        weight = self.weight_at(to.get("sigmas"))
+        capture = to.get(CAPTURE_KEY)
+        if weight == 0.0 and capture is None:
+            return self._next(func, args, kwargs)
+        full = mask
+        if weight != 0.0:
+            self.layers_seen += 1
+            if mask is None:
+                full = self.joint_mask_for(layout, weight, rows, q.device, q.dtype)
+            else:
+                bias = self.joint_mask_for(layout, weight, torch.ones(1, dtype=torch.bool), q.device, q.dtype)[0]
+                full = combine_masks(bias, rows, mask)
+        kwargs["mask"] = full
+        if capture is not None:
+            positions = phrase_key_positions(self.token_columns, self.context_len, layout)
+            qh, kh, vh = (q, k, v) if skip else (split_heads(t, heads) for t in (q, k, v))
+            out, probs = phrase_attention(qh, kh, vh, full, positions)
+            capture.records.append(PhraseAttention(layout.grid, rows, joint_phrase_probs(probs, layout)))
+            return out if bool(kwargs.get("skip_output_reshape", False)) else merge_heads(out)
+        return self._next(func, args, kwargs)
+
     def __call__(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        q, k, v, heads = args[:4]
+        q, k, v = args[:3]
+        heads = args[3] if len(args) > 3 else kwargs.pop("heads")  # MMDiT passes heads by name
         rest = args[4:]
         mask = kwargs.pop("mask", rest[0] if rest else None)
         args = (q, k, v, heads)
         kwargs["mask"] = mask
         to = kwargs.get("transformer_options") or {}
         skip = bool(kwargs.get("skip_reshape", False))
+        if self.joint is not None:
+            return self._joint_call(func, q, k, v, heads, mask, kwargs, to, skip)
         nq, nk = (q.shape[2], k.shape[2]) if skip else (q.shape[1], k.shape[1])
         # Self-attention always has as many keys as queries; cross-attention has the text tokens.
         if nk == nq or nk % self.context_len != 0:
@@ -166,6 +259,16 @@ class HighlightRuntime:
         out, probs = phrase_attention(qh, kh, vh, mask, self.token_columns)
         capture.records.append(PhraseAttention(grid, rows, probs))
         return out if skip_out else merge_heads(out)
+
+    # -------------------------------------------------------------- joint models: the call's latent shape
+
+    def apply_model_wrapper(self, executor: Any, x: torch.Tensor, t: torch.Tensor, c_concat: Any, c_crossattn: Any,
+                            control: Any, transformer_options: dict[str, Any], **kwargs: Any) -> Any:
+        """APPLY_MODEL wrapper: tells the attention override the latent's (h, w) and the text length of this call
+        (transformer_options is a fresh dict per batched model call, passed down to every block)."""
+        if c_crossattn is not None and x.ndim == 4:
+            transformer_options[SHAPE_KEY] = (int(x.shape[-2]), int(x.shape[-1]), int(c_crossattn.shape[1]))
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
 
     # -------------------------------------------------------------- refocusing (PREDICT_NOISE wrapper)
 
@@ -236,6 +339,8 @@ def install(model: Any, runtime: HighlightRuntime) -> Any:
     runtime.previous_override = to.get(OVERRIDE_KEY)
     to[OVERRIDE_KEY] = runtime
     m.model_options["transformer_options"] = to
+    if runtime.joint is not None:
+        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, runtime.apply_model_wrapper)
     if runtime.settings.refocuses:
         m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREDICT_NOISE, WRAPPER_KEY,
                                runtime.predict_noise_wrapper)

@@ -15,7 +15,9 @@ from ..noisequery_core import (
     ClipSpec,
     FeatureExtractor,
     GenerationKey,
+    IncompatibleLibraryError,
     Library,
+    ModelError,
     NoiseQueryError,
     feature_set,
 )
@@ -24,7 +26,7 @@ from ..noisequery_core.library.paths import check_library_name, resolve_library
 from . import _host
 from ._glue import SEED_MAX, load_thumbnails, to_image
 from ._validate import numbers_problem, require_numbers
-from .sampling import SeedRenderer
+from .sampling import SeedRenderer, model_latent
 
 log = logging.getLogger("noisequery")
 
@@ -101,9 +103,11 @@ class BuildNoiseLibrary(io.ComfyNode):
         clip_model: str, thumbnail_size: int,
     ) -> io.NodeOutput:
         require_numbers(cls, {"cfg": cfg})  # a linked value was not there to check at queue time
-        if width % 8 or height % 8:
-            raise NoiseQueryError(f"BuildNoiseLibrary: width {width} and height {height} must be multiples of 8 (the latent "
-                                  f"is 1/8 of the image); use e.g. {width - width % 8 or 8}x{height - height % 8 or 8}.")
+        _, f = model_latent(model, vae)
+        if width % f or height % f:
+            raise NoiseQueryError(f"BuildNoiseLibrary: width {width} and height {height} must be multiples of {f} (this "
+                                  f"model's latent is 1/{f} of the image); use e.g. "
+                                  f"{width - width % f or f}x{height - height % f or f}.")
         if seed_start + count - 1 > SEED_MAX:
             raise NoiseQueryError(f"BuildNoiseLibrary: seed_start {seed_start} + count {count} runs past the largest seed "
                                   f"{SEED_MAX}; lower seed_start or count.")
@@ -124,6 +128,7 @@ class BuildNoiseLibrary(io.ComfyNode):
             prompt=_host.upstream_text(dyn, uid, "positive"),
             negative_prompt=_host.upstream_text(dyn, uid, "negative"),
             denoise=1.0,
+            family=renderer.family,
             extra=tuple(sorted({
                 "positive_cond": _host.conditioning_fingerprint(positive),
                 "negative_cond": _host.conditioning_fingerprint(negative),
@@ -131,9 +136,18 @@ class BuildNoiseLibrary(io.ComfyNode):
             }.items())),
         )
         spec = ClipSpec.parse(clip_model)
-        embedder = None if spec.is_none else _host.embedder_for(spec)
+        try:
+            embedder = None if spec.is_none else _host.embedder_for(spec)
+        except ModelError as exc:  # a first build offline: a colour-only library needs no CLIP at all
+            raise ModelError(f"{exc} Or set clip_model to 'none' to build a colour-only library right now (colour "
+                             "queries work on it; rebuild with a CLIP model later for text queries).") from exc
         features = feature_set(embedder, thumbnail_size=thumbnail_size)
         lib = Library.create(path, gen, features)
+        if lib.generation.family and lib.generation.family != gen.family:
+            # The family is not part of key equality (older libraries record none), so say it here.
+            raise IncompatibleLibraryError(
+                f"BuildNoiseLibrary: library {lib.path} was built with a {lib.generation.family} model but the "
+                f"connected model is {gen.family}; build into a new library_name.")
         extractor = FeatureExtractor(lib.features, embedder)
         seeds = range(int(seed_start), int(seed_start) + int(count))
         todo = len(seeds) - int(lib.contains(np.fromiter(seeds, dtype=np.uint64, count=len(seeds))).sum())
@@ -170,7 +184,9 @@ class BuildNoiseLibrary(io.ComfyNode):
         log.info("BuildNoiseLibrary %s", report.replace("\n", " | "))
         if "images" in last:
             images = to_image(last["images"])
-            return io.NodeOutput(library_name, images, report, ui=ui.PreviewImage(images, cls=cls))
+            # the built batch and the report together (the report alone was missing on a first build)
+            shown = ui.PreviewImage(images, cls=cls).as_dict()
+            return io.NodeOutput(library_name, images, report, ui={**shown, "text": [report]})
         return io.NodeOutput(library_name, torch.zeros((1, 64, 64, 3)), report, ui={"text": [report]})
 
 

@@ -21,7 +21,7 @@ from comfy.k_diffusion.sampling import BrownianTreeNoiseSampler
 from PIL import Image
 
 from ..noisequery_core.noise import batch_noise
-from ._glue import latent_shape, to_pil
+from ._glue import DEFAULT_DOWNSCALE, LATENT_DOWNSCALE, latent_shape, to_pil
 
 # No per-step randomness: a batch equals its items run alone.
 BATCH_PLAIN = {
@@ -68,6 +68,36 @@ def _sampler_with_noise(sampler_name: str, seeds: Sequence[int], sigmas: torch.T
     return comfy.samplers.ksampler(sampler_name, {"noise_sampler": ns})
 
 
+def model_latent(model: Any, vae: Any = None) -> tuple[int, int]:
+    """(latent channels, image pixels per latent cell) for a MODEL (and its VAE when given).
+
+    Channels come from the model's latent_format (4 for SD1.x/SDXL, 16 for SD3/Flux, ...); the spatial factor from
+    the VAE when there is one, else from ComfyUI's empty-latent convention for that latent format.
+    """
+    fmt = model.get_model_object("latent_format")
+    channels = int(getattr(fmt, "latent_channels", 4))
+    downscale = LATENT_DOWNSCALE.get(type(fmt).__name__, DEFAULT_DOWNSCALE)
+    if vae is not None:
+        try:
+            ratio = vae.spacial_compression_encode()
+        except Exception:  # an older or foreign VAE object: keep the latent format's convention
+            ratio = None
+        if isinstance(ratio, int) and ratio > 0:
+            downscale = ratio
+    return channels, int(downscale)
+
+
+def model_family(model: Any) -> str:
+    """What ComfyUI detected the model as and how it predicts, e.g. "SD15:eps", "SDXL:eps", "SD3:flow",
+    "Flux:flux": ComfyUI's model-config class name and model type (comfy.supported_models, comfy.model_base)."""
+    inner = getattr(model, "model", None)
+    config = getattr(inner, "model_config", None)
+    name = type(config).__name__ if config is not None else "unknown"
+    model_type = getattr(inner, "model_type", None)
+    kind = getattr(model_type, "name", "")
+    return f"{name}:{kind.lower()}" if kind else name
+
+
 def decode(vae: Any, samples: torch.Tensor) -> torch.Tensor:
     """As the VAEDecode node does: IMAGE [B, H, W, 3] float 0..1."""
     images = vae.decode(samples)
@@ -98,8 +128,12 @@ class SeedRenderer:
         self.positive, self.negative = positive, negative
         self.steps, self.cfg = steps, cfg
         self.sampler_name, self.scheduler = sampler_name, scheduler
-        empty = torch.zeros((1, *latent_shape(width, height)))
+        # The latent KSampler samples for an empty latent of this size: the model's channels (what
+        # fix_empty_latent_channels widens EmptyLatentImage to) at the VAE's spatial factor.
+        channels, self.downscale = model_latent(model, vae)
+        empty = torch.zeros((1, *latent_shape(width, height, channels, self.downscale)))
         self.latent_shape = tuple(comfy.sample.fix_empty_latent_channels(model, empty).shape[1:])
+        self.family = model_family(model)
         self.on_progress = on_progress  # fraction (0..1) of the current render call done
         self._part = (0, 1)  # (index, count) of the sampling call inside the current render call
 

@@ -221,6 +221,27 @@ def main() -> int:
                     failures.append("typed pick: the widget did not take the returned history / reset pick")
                 else:
                     log("typed pick 1: history widget updated from the run, pick reset to -1 (walk: 2 picks)")
+
+                # 4. the history reads as a summary line; another workflow tab and back keeps the grid and the line
+                summary = page.page.locator(".nq-history-summary").inner_text()
+                if "2 picks" not in summary:
+                    failures.append(f"history summary line {summary!r} does not say '2 picks'")
+                shown = page.js("() => document.querySelectorAll('img[data-variant]').length")
+                page.js("() => app.extensionManager.command.execute('Comfy.NewBlankWorkflow')")
+                page.settle(800)
+                page.js("() => app.extensionManager.command.execute('Workspace.PreviousOpenedWorkflow')")
+                try:
+                    page.page.wait_for_function(
+                        f"() => document.querySelectorAll('img[data-variant]').length === {shown}"
+                        " && document.querySelector('.nq-history-summary')?.textContent.includes('2 picks')",
+                        timeout=15_000)
+                    log(f"tab switch and back: the picker still shows {shown} variants and the history line")
+                except Exception:  # noqa: BLE001
+                    now = page.js("() => [document.querySelectorAll('img[data-variant]').length,"
+                                  " document.querySelector('.nq-history-summary')?.textContent ?? null,"
+                                  " Object.keys(app.nodeOutputs ?? {}), app.graph._nodes.length]")
+                    failures.append(f"tab switch and back: the picker grid ({shown} variants before) or the "
+                                    f"history line is gone: [variants, line, stored outputs, nodes] = {now}")
                 page.close()
                 browser.close()
             if not args.no_pictures:

@@ -15,7 +15,8 @@ package; no browser is ever downloaded):
    (`(await app.graphToPrompt()).workflow`) and writes example_workflows/<name>.json;
 4. re-loads every written file with `app.loadGraphData(...)` and checks that `app.graphToPrompt().output`
    gives the API twin's node ids, classes, widget values and links;
-5. takes the README screenshots docs/workflow_*.png, then runs the colour-query workflow on the tiny model
+5. takes the README screenshots docs/workflow_*.png and the template-browser thumbnails example_workflows/<name>.jpg
+   (what the frontend shows for a pack's example), then runs the colour-query workflow on the tiny model
    through the page's Run button and takes docs/nodes_after_run.png.
 
 Widget values are kept exactly as in the API files (e.g. ckpt_name "v1-5-pruned-emaonly.safetensors", which
@@ -78,8 +79,9 @@ LAYOUTS: dict[str, list[list[str]]] = {
     "colour_query_sampler_custom_advanced": [["1", "4", "5", "2"], ["6"], ["8", "9", "7"], ["10", "11"],
                                              ["12", "13"]],
     "highlight_scribble_guide": [["1", "4", "3"], ["2"], ["5", "8"], ["6", "7"]],
-    "highlight_masks_headless": [["10", "11", "14"], ["12", "15"], ["13", "16"], ["1", "4", "3"], ["2"], ["5", "8"],
-                                 ["6", "7"]],
+    # two bands (BAND starts the next one below), so that the graph reads at fit-to-view
+    "highlight_masks_headless": [["10", "11", "14"], ["12", "15"], ["13", "16"], ["1", "4", "3"], ["|"], ["2"],
+                                 ["5", "8"], ["6", "7"]],
     "seed_interpolation_strip": [["1", "4", "5"], ["6"], ["7", "8", "9"], ["10", "11"], ["12"]],
     "prompt_interpolation_strip": [["1", "4", "13", "5"], ["14", "6"], ["7", "8", "9"], ["10", "11"], ["12"]],
     "variation_explorer": [["1", "4", "5"], ["6"], ["7", "8", "9"], ["10", "11"], ["12"]],
@@ -100,8 +102,17 @@ SIZES: dict[str, list[float | None]] = {
     "BasicScheduler": [260, None],
     "EmptyLatentImage": [320, None],
     "HighlightScribbleGuide": [440, 860],  # room for the drawing canvas
+    "NoiseQueryVariantPicker": [440, None],  # its whole title in the Nodes 2.0 renderer too
+}
+# Per workflow: class -> size, over SIZES (the headless guide's drawing is unused: it gets what it needs, no more).
+WORKFLOW_SIZES: dict[str, dict[str, list[float | None]]] = {
+    "highlight_masks_headless": {"HighlightScribbleGuide": [440, None]},
 }
 NQ_WIDTH = 340
+# Template-browser thumbnails: example_workflows/<name>.jpg (what ComfyUI's frontend asks for a pack's example,
+# /api/workflow_templates/<pack>/<name>.jpg), this wide, as JPEG of this quality.
+THUMB_WIDTH = 480
+THUMB_QUALITY = 80
 # 404s every fresh ComfyUI user directory produces (no custom CSS, no saved workflows yet): not our problem.
 BENIGN_404 = ("/api/userdata/user.css", "/user.css", "/api/userdata?dir=workflows", "/api/userdata?dir=subgraphs",
               "/api/userdata/comfy.templates.json")
@@ -119,18 +130,21 @@ window.__nq = {
       n.setSize([Math.max(s[0], need[0]), s[1] == null ? need[1] : Math.max(s[1], need[1])]);
     }
     const all = g._nodes.map(n => String(n.id));
-    columns = (columns ?? []).map(c => c.filter(i => all.includes(i))).filter(c => c.length);
+    columns = (columns ?? []).map(c => c[0] === '|' ? c : c.filter(i => all.includes(i))).filter(c => c.length);
     if (!all.every(i => columns.some(c => c.includes(i)))) { g.arrange(); return false; }
     const gapX = 60, gapY = 40;
-    let x = 0;
+    let x = 0, top = T, bottom = T;  // a column ['|'] starts a new band of columns below the ones so far
     for (const col of columns) {
-      let y = T, w = 0;
+      if (col[0] === '|') { x = 0; top = bottom + gapY; continue; }
+      let y = top, w = 0;
       for (const id of col) {
         const n = g.getNodeById(isNaN(+id) ? id : +id);
         n.pos = [x, y];
-        y += n.size[1] + T + gapY;
+        // Nodes 2.0 draws each widget row a few pixels taller than the classic canvas: room for that below
+        y += n.size[1] + T + gapY + 6 * (n.widgets?.length ?? 0);
         w = Math.max(w, n.size[0]);
       }
+      bottom = Math.max(bottom, y - T - gapY);
       x += w + gapX;
     }
     app.canvas.setDirty(true, true);
@@ -379,9 +393,9 @@ def main() -> int:
         with server:
             log(f"ComfyUI up at {server.url} after {server.startup_seconds:.1f}s")
             sess = server._http()
-            # First-visit templates dialog off; minimap and canvas stats off so they do not cover nodes.
+            # First-visit templates dialog off; minimap, canvas stats and zoom menu off so they do not cover nodes.
             for key, value in (("Comfy.TutorialCompleted", True), ("Comfy.Minimap.Visible", False),
-                               ("Comfy.Graph.CanvasInfo", False)):
+                               ("Comfy.Graph.CanvasInfo", False), ("Comfy.Graph.CanvasMenu", False)):
                 sess.post(f"{server.url}/settings/{key}", data=json.dumps(value), timeout=30).raise_for_status()
             t0 = time.perf_counter()
             build_library(server, ckpt.name)
@@ -403,7 +417,8 @@ def main() -> int:
                     page.js("([a, n]) => app.loadApiJson(a, n)", [api, path.name])
                     page.settle()
                     laid = page.js("([c, s, w, q]) => __nq.layout(c, s, w, q)",
-                                   [LAYOUTS.get(name), SIZES, NQ_WIDTH, nq_classes])
+                                   [LAYOUTS.get(name), {**SIZES, **WORKFLOW_SIZES.get(name, {})}, NQ_WIDTH,
+                                    nq_classes])
                     if not laid:
                         notes.append(f"{name}: no layout hint matches its nodes; kept app.graph.arrange()")
                     changed = page.js("(a) => __nq.restoreWidgets(a)", api)
@@ -441,9 +456,11 @@ def main() -> int:
                         + (f" errors={new}" if new else "") + (f" dialogs={dialogs}" if dialogs else ""))
                     if status != "OK":
                         failures.append(f"{out.name}: diffs={diffs} errors={new} dialogs={dialogs}")
-                    if not args.no_screenshots and name in SCREENSHOTS:
+                    if not args.no_screenshots:
                         page.js("([r, z]) => __nq.fit(r, z)", [list(FIT_RECT), MAX_ZOOM])
-                        page.screenshot(DOCS / SCREENSHOTS[name])
+                        if name in SCREENSHOTS:
+                            page.screenshot(DOCS / SCREENSHOTS[name])
+                        thumbnail(page, UI_DIR / f"{name}.jpg", work)
                     if not args.no_screenshots and name in WIDGET_SHOTS:
                         widget_shot(page, *WIDGET_SHOTS[name], failures)
                     page.close()
@@ -481,6 +498,19 @@ def frontend_version() -> str:
         return version("comfyui-frontend-package")
     except Exception:  # noqa: BLE001
         return "?"
+
+
+def thumbnail(page: Page, out: Path, work: Path) -> None:
+    """The fitted graph as the template browser's small JPEG thumbnail (example_workflows/<name>.jpg)."""
+    from PIL import Image
+
+    x0, y0, x1, y1 = FIT_RECT
+    raw = work / f"{out.stem}_thumb.png"
+    page.screenshot(raw, clip={"x": x0, "y": y0, "width": x1 - x0, "height": y1 - y0})
+    with Image.open(raw) as im:
+        small = im.convert("RGB").resize((THUMB_WIDTH, round(im.height * THUMB_WIDTH / im.width)), Image.LANCZOS)
+        small.save(out, "JPEG", quality=THUMB_QUALITY, optimize=True)
+    log(f"wrote {out.relative_to(ROOT)} ({out.stat().st_size // 1024} KB)")
 
 
 def widget_shot(page: Page, node_type: str, filename: str, failures: list[str]) -> None:

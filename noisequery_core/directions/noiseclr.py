@@ -1,26 +1,31 @@
 """NoiseCLR (arXiv 2312.05390): learn K editing directions from unlabeled images, contrastively.
 
-A direction is a short sequence of conditioning tokens in the denoiser's cross-attention
-context space ([T, D]: T tokens of the text encoder's output width D, 768 for SD1.x). It is
-initialised from the empty prompt's encoding plus a little noise, so at the start
-ε(x, d_k) ≈ ε(x, ∅). Training, per iteration:
+A direction is a short sequence of conditioning tokens in the denoiser's text-conditioning
+context space ([T, D]: T tokens of the text encoder's output width D, 768 for SD1.x), plus, for
+models that also take a pooled text vector (SDXL's ADM input, SD3's and Flux's adaLN ``y``), a
+pooled part [P] trained with it. It is initialised from the empty prompt's encoding plus a
+little noise, so at the start ε(x, d_k) ≈ ε(x, ∅). Training, per iteration:
 
     pick N images, K' of the K directions, one timestep and one noise per image;
-    x_t = x_0 + σ_t·noise                        (the variance-exploding form ComfyUI samples in)
+    x_t = x_0 + σ_t·noise                        (the variance-exploding form ComfyUI samples in;
+                                                  flow models inject their own, (1−σ)·x_0 + σ·noise)
     Δ_{n,k} = ε(x_t^n, d_k) − ε(x_t^n, ∅)        (the edit direction k makes to image n)
     loss = InfoNCE over the Δs: positives are the same direction on other images, negatives
            the other directions on the same image (cosine similarity of flattened Δ / τ).
 
-Gradients reach the direction tokens only; the denoiser is an injected callable
-``predict_noise(x_t, sigma, context) -> eps`` and is never modified here. Each iteration draws
+Gradients reach the direction tokens (and pooled part) only; the denoiser is an injected callable
+``predict_noise(x_t, sigma, context[, pooled]) -> eps`` and is never modified here. Anything
+proportional to ε per image works as "eps" (a flow model's velocity, for one): the loss compares
+edits by cosine, which a positive per-image factor does not change. Each iteration draws
 its randomness from its own generator seeded by (seed, iteration), and the optimiser is a
 plain Adam whose state is saved with the directions, so a run resumed from a checkpoint is
 bit-for-bit the run that was never interrupted (on the same device).
 
 Files: a directions file is safetensors with tensors ``directions`` [K, T, D] (float32) and
 ``empty`` [T0, D] (the empty prompt's encoding, the ∅ of the formula, needed to apply them),
-and one metadata entry ``noiseclr`` holding JSON (format version, names, base model
-identity, training settings, loss history). A checkpoint is the same file plus the Adam
+with a pooled part also ``pooled`` [K, P] and ``empty_pooled`` [P], and one metadata entry
+``noiseclr`` holding JSON (format version, model family, names, base model identity, training
+settings, loss history). Version 1 files (before families) read as family "sd", no pooled part. A checkpoint is the same file plus the Adam
 tensors, written atomically every ``checkpoint_every`` iterations.
 """
 
@@ -49,8 +54,11 @@ from ..work import CheckCancel, Progress, never_cancel, no_progress
 log = logging.getLogger("noisequery")
 
 FORMAT = "noisequery.noiseclr"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: "family" and the optional pooled part; 1 (SD1.x/SD2.x only) is still read
 META_KEY = "noiseclr"
+# The family of a file written before families were recorded: NoiseCLR then trained SD1.x/SD2.x UNets only.
+LEGACY_FAMILY = "sd"
+FAMILY_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789._-")
 # A checkpoint is "<name>.safetensors.checkpoint": directions files always end in ".safetensors",
 # so no directions name can collide with a checkpoint, and every directions file is listed.
 CHECKPOINT_SUFFIX = ".safetensors.checkpoint"
@@ -61,7 +69,10 @@ MAX_DIRECTIONS = 256
 MAX_ABS_VALUE = 1e4
 FLOAT_SETTINGS = ("learning_rate", "temperature", "init_noise")
 
-PredictNoise = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# (x_t, sigma, context) -> eps, or (x_t, sigma, context, pooled) -> eps when the directions have a pooled part.
+PredictNoise = Callable[..., torch.Tensor]
+# (x_0, noise, sigma [N]) -> x_t in the model's sampling space; None = x_0 + sigma·noise.
+AddNoise = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 # Adam constants (fixed: part of what makes a resumed run equal an uninterrupted one).
 ADAM_BETAS = (0.9, 0.999)
@@ -170,7 +181,12 @@ def contrastive_loss(deltas: torch.Tensor, temperature: float) -> torch.Tensor:
 
 @dataclass
 class Directions:
-    """K learned directions plus what is needed to apply them and to know where they came from."""
+    """K learned directions plus what is needed to apply them and to know where they came from.
+
+    ``family`` names the model family the directions belong to (the host's word: "sd", "sdxl", "sd3",
+    "flux"); ``pooled``/``empty_pooled`` are the pooled part and the empty prompt's pooled vector, both
+    present or both None.
+    """
 
     directions: torch.Tensor  # [K, T, D] float32
     empty: torch.Tensor  # [T0, D] float32: the empty prompt's encoding (ε(x, ∅))
@@ -181,6 +197,9 @@ class Directions:
     loss_history: list[float] = field(default_factory=list)
     data: dict[str, Any] = field(default_factory=dict)  # {"images": n, "fingerprint": ...}
     created: str = ""
+    pooled: torch.Tensor | None = None  # [K, P] float32: each direction's pooled text vector
+    empty_pooled: torch.Tensor | None = None  # [P] float32: the empty prompt's pooled vector
+    family: str = LEGACY_FAMILY
 
     def __post_init__(self) -> None:
         if self.directions.dim() != 3:
@@ -190,6 +209,17 @@ class Directions:
                 f"empty-prompt encoding {tuple(self.empty.shape)} does not match the directions' width "
                 f"{self.directions.shape[2]}.")
         k = self.directions.shape[0]
+        if (self.pooled is None) != (self.empty_pooled is None):
+            raise NoiseCLRError("a pooled part needs both the directions' pooled vectors and the empty prompt's "
+                                "(pooled and empty_pooled); one of them is missing.")
+        if self.pooled is not None and self.empty_pooled is not None:
+            if (self.pooled.dim() != 2 or self.pooled.shape[0] != k or self.empty_pooled.dim() != 1
+                    or self.empty_pooled.shape[0] != self.pooled.shape[1]):
+                raise NoiseCLRError(f"pooled part {tuple(self.pooled.shape)} / empty pooled "
+                                    f"{tuple(self.empty_pooled.shape)} do not fit {k} directions: expected [K, P] and [P].")
+        if not self.family or len(self.family) > 32 or not set(self.family) <= FAMILY_CHARS:
+            raise NoiseCLRError(f"model family {self.family[:40]!r} is not a family name (lower-case letters, digits, "
+                                "'.', '_' or '-').")
         if not self.names:
             self.names = [f"direction {i}" for i in range(k)]
         if len(self.names) != k:
@@ -207,11 +237,18 @@ class Directions:
     def context_dim(self) -> int:
         return int(self.directions.shape[2])
 
+    @property
+    def pooled_dim(self) -> int:
+        """P, the width of the pooled part; 0 when the directions have none."""
+        return 0 if self.pooled is None else int(self.pooled.shape[1])
+
     def meta(self, kind: str = "directions", extra: dict[str, Any] | None = None) -> dict[str, Any]:
         m = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "kind": kind,
+            "family": self.family,
+            "pooled_dim": self.pooled_dim,
             "names": list(self.names),
             "token_count": self.token_count,
             "context_dim": self.context_dim,
@@ -236,6 +273,9 @@ def save_directions(path: str | Path, d: Directions, *, kind: str = "directions"
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {"directions": d.directions.detach().to("cpu", torch.float32).contiguous(),
                "empty": d.empty.detach().to("cpu", torch.float32).contiguous()}
+    if d.pooled is not None and d.empty_pooled is not None:
+        tensors["pooled"] = d.pooled.detach().to("cpu", torch.float32).contiguous()
+        tensors["empty_pooled"] = d.empty_pooled.detach().to("cpu", torch.float32).contiguous()
     for k, v in (extra_tensors or {}).items():
         tensors[k] = v.detach().to("cpu").contiguous()
     # One metadata key only: safetensors writes a multi-key map in hash order, which would make
@@ -243,6 +283,9 @@ def save_directions(path: str | Path, d: Directions, *, kind: str = "directions"
     blob = save(tensors, metadata={META_KEY: json.dumps(d.meta(kind, extra_meta), sort_keys=True)})
     atomic_write_bytes(path, blob)
     return path
+
+
+_VALUE_TENSORS = ("directions", "empty", "pooled", "empty_pooled")  # text encodings: bounded like one
 
 
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -272,7 +315,13 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise NoiseCLRError(f"{path} was written by a newer NoiseQuery (directions format {version}, this one reads "
                             f"<= {FORMAT_VERSION}); update the NoiseQuery pack.")
-    for name in ("directions", "empty"):
+    required = ["directions", "empty"]
+    pooled_dim = meta.get("pooled_dim", 0)
+    if not isinstance(pooled_dim, int) or pooled_dim < 0:
+        raise NoiseCLRError(f"{path}: pooled_dim {pooled_dim!r} is not a width; the file's metadata is damaged.")
+    if pooled_dim:
+        required += ["pooled", "empty_pooled"]
+    for name in required:
         if name not in tensors:
             raise NoiseCLRError(f"{path}: tensor {name!r} is missing; the file is damaged.")
     for name, t in tensors.items():
@@ -281,7 +330,7 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
             if not bool(torch.isfinite(t32).all()):
                 raise NoiseCLRError(f"{path}: tensor {name!r} holds NaN or infinite values; the file is damaged. "
                                     "Train the directions again (or resume from an intact checkpoint).")
-            if name in ("directions", "empty") and float(t32.abs().max()) > MAX_ABS_VALUE:
+            if name in _VALUE_TENSORS and float(t32.abs().max()) > MAX_ABS_VALUE:
                 raise NoiseCLRError(f"{path}: tensor {name!r} holds values up to {float(t32.abs().max()):.3g}, beyond "
                                     f"any text encoding (|x| <= {MAX_ABS_VALUE:g}); the file is damaged or was not "
                                     "written by NoiseQuery. Train the directions again.")
@@ -293,6 +342,10 @@ def load_directions(path: str | Path) -> Directions:
     path = Path(path)
     tensors, meta = _read(path)
     try:
+        pooled_dim = int(meta.get("pooled_dim", 0))
+        family = meta.get("family", LEGACY_FAMILY)  # version 1: SD1.x/SD2.x was the only family trained
+        if not isinstance(family, str):
+            raise NoiseCLRError(f"family {family!r} is not a name; the file's metadata is damaged.")
         settings = TrainSettings.from_dict(dict(meta.get("settings") or {}))
         for name in FLOAT_SETTINGS:
             problem = number_problem(getattr(settings, name))
@@ -309,11 +362,24 @@ def load_directions(path: str | Path) -> Directions:
             loss_history=[float(x) for x in meta.get("loss_history") or []],
             data=dict(meta.get("data") or {}),
             created=str(meta.get("created", "")),
+            pooled=_pooled_tensor(tensors, pooled_dim),
+            empty_pooled=tensors["empty_pooled"].float() if pooled_dim else None,
+            family=family,
         )
     except NoiseCLRError as exc:
         raise NoiseCLRError(f"{path}: {exc}") from exc
     except (TypeError, ValueError) as exc:
         raise NoiseCLRError(f"{path}: malformed NoiseCLR metadata ({exc}); the file is damaged.") from exc
+
+
+def _pooled_tensor(tensors: dict[str, torch.Tensor], pooled_dim: int) -> torch.Tensor | None:
+    if not pooled_dim:
+        return None
+    pooled = tensors["pooled"].float()
+    if pooled.dim() != 2 or pooled.shape[1] != pooled_dim:
+        raise NoiseCLRError(f"tensor 'pooled' has shape {tuple(pooled.shape)}, but the metadata says the pooled part is "
+                            f"{pooled_dim} wide; the file is damaged.")
+    return pooled
 
 
 def rename_directions(path: str | Path, names: dict[int, str]) -> Directions:
@@ -398,24 +464,37 @@ class _State:
     steps: torch.Tensor  # [K] int64: Adam steps taken per direction
     iteration: int
     losses: list[float]
+    pooled: torch.Tensor | None = None  # [K, P] float32, with its own Adam moments (same step counts)
+    pm: torch.Tensor | None = None
+    pv: torch.Tensor | None = None
 
 
-def _adam_update(state: _State, rows: torch.Tensor, grad: torch.Tensor, lr: float) -> None:
+def _adam_update(state: _State, rows: torch.Tensor, grad: torch.Tensor, lr: float,
+                 pooled_grad: torch.Tensor | None = None) -> None:
     """Adam on the sampled rows only (directions not sampled this iteration keep state and value)."""
-    b1, b2 = ADAM_BETAS
     state.steps[rows.cpu()] += 1
-    t = state.steps[rows.cpu()].to(torch.float32).to(grad.device).view(-1, 1, 1)
+    t = state.steps[rows.cpu()].to(torch.float32)
+    _adam_rows(state.params, state.m, state.v, rows, grad, t, lr)
+    if pooled_grad is not None and state.pooled is not None and state.pm is not None and state.pv is not None:
+        _adam_rows(state.pooled, state.pm, state.pv, rows, pooled_grad, t, lr)
+
+
+def _adam_rows(params: torch.Tensor, m_all: torch.Tensor, v_all: torch.Tensor, rows: torch.Tensor,
+               grad: torch.Tensor, t: torch.Tensor, lr: float) -> None:
+    b1, b2 = ADAM_BETAS
+    t = t.to(grad.device).view(-1, *([1] * (grad.dim() - 1)))
     rows = rows.to(grad.device)
-    m = state.m[rows] * b1 + grad * (1 - b1)
-    v = state.v[rows] * b2 + grad * grad * (1 - b2)
-    state.m[rows] = m
-    state.v[rows] = v
+    m = m_all[rows] * b1 + grad * (1 - b1)
+    v = v_all[rows] * b2 + grad * grad * (1 - b2)
+    m_all[rows] = m
+    v_all[rows] = v
     m_hat = m / (1 - b1**t)
     v_hat = v / (1 - b2**t)
-    state.params[rows] = state.params[rows] - lr * m_hat / (v_hat.sqrt() + ADAM_EPS)
+    params[rows] = params[rows] - lr * m_hat / (v_hat.sqrt() + ADAM_EPS)
 
 
-def _init_state(empty: torch.Tensor, s: TrainSettings, device: torch.device) -> _State:
+def _init_state(empty: torch.Tensor, s: TrainSettings, device: torch.device,
+                empty_pooled: torch.Tensor | None = None) -> _State:
     t0, dim = empty.shape
     if s.token_count > t0:
         raise NoiseCLRError(f"token_count {s.token_count} is more than the empty prompt's {t0} tokens; use <= {t0}.")
@@ -425,13 +504,23 @@ def _init_state(empty: torch.Tensor, s: TrainSettings, device: torch.device) -> 
     noise = torch.randn((s.num_directions, s.token_count, dim), generator=g) * scale
     params = (base.unsqueeze(0) + noise).to(device)
     zeros = torch.zeros_like(params)
-    return _State(params, zeros.clone(), zeros.clone(), torch.zeros(s.num_directions, dtype=torch.int64), 0, [])
+    st = _State(params, zeros.clone(), zeros.clone(), torch.zeros(s.num_directions, dtype=torch.int64), 0, [])
+    if empty_pooled is not None:
+        # Drawn after the tokens' noise, so directions without a pooled part start exactly as they always did.
+        pbase = empty_pooled.to("cpu", torch.float32)
+        pnoise = torch.randn((s.num_directions, pbase.shape[0]), generator=g) * (float(pbase.std()) * s.init_noise)
+        st.pooled = (pbase.unsqueeze(0) + pnoise).to(device)
+        st.pm, st.pv = torch.zeros_like(st.pooled), torch.zeros_like(st.pooled)
+    return st
 
 
 def _save_checkpoint(path: Path, st: _State, template: Directions) -> None:
-    d = dataclasses.replace(template, directions=st.params, iterations_done=st.iteration, loss_history=list(st.losses))
-    save_directions(path, d, kind="checkpoint",
-                    extra_tensors={"adam_m": st.m, "adam_v": st.v, "adam_steps": st.steps})
+    d = dataclasses.replace(template, directions=st.params, pooled=st.pooled, iterations_done=st.iteration,
+                            loss_history=list(st.losses))
+    extra = {"adam_m": st.m, "adam_v": st.v, "adam_steps": st.steps}
+    if st.pm is not None and st.pv is not None:
+        extra.update({"adam_pooled_m": st.pm, "adam_pooled_v": st.pv})
+    save_directions(path, d, kind="checkpoint", extra_tensors=extra)
 
 
 @contextlib.contextmanager
@@ -453,6 +542,9 @@ def _load_checkpoint(path: Path, template: Directions, device: torch.device) -> 
     if diffs:
         raise NoiseCLRError(f"checkpoint {path} belongs to a run with other settings ({'; '.join(diffs)}). Put the "
                             f"settings back, train under another name, or turn resume off to start over.")
+    if got.family != template.family:
+        raise NoiseCLRError(f"checkpoint {path} was trained on the {got.family} family, this run is {template.family}. "
+                            f"Connect the same model, train under another name, or turn resume off to start over.")
     for key, what in (("fingerprint", "base model"),):
         a, b = template.base_model.get(key), got.base_model.get(key)
         if a and a != b:
@@ -466,16 +558,25 @@ def _load_checkpoint(path: Path, template: Directions, device: torch.device) -> 
                                 template.empty.shape[1]):
         raise NoiseCLRError(f"checkpoint {path} holds directions of shape {tuple(got.directions.shape)}, which does not "
                             f"fit these settings; turn resume off to start over.")
-    for name in ("adam_m", "adam_v", "adam_steps"):
+    if got.pooled_dim != template.pooled_dim:
+        raise NoiseCLRError(f"checkpoint {path} has a pooled part {got.pooled_dim} wide, this run needs "
+                            f"{template.pooled_dim}; turn resume off to start over.")
+    adam = ["adam_m", "adam_v", "adam_steps"] + (["adam_pooled_m", "adam_pooled_v"] if template.pooled_dim else [])
+    for name in adam:
         if name not in tensors:
             raise NoiseCLRError(f"{path} has no optimiser state ({name}); it is a finished directions file, not a "
                                 f"checkpoint. Turn resume off to start over.")
-    return _State(got.directions.to(device), tensors["adam_m"].float().to(device), tensors["adam_v"].float().to(device),
-                  tensors["adam_steps"].to(torch.int64), got.iterations_done, list(got.loss_history))
+    st = _State(got.directions.to(device), tensors["adam_m"].float().to(device), tensors["adam_v"].float().to(device),
+                tensors["adam_steps"].to(torch.int64), got.iterations_done, list(got.loss_history))
+    if got.pooled is not None:
+        st.pooled = got.pooled.to(device)
+        st.pm = tensors["adam_pooled_m"].float().to(device)
+        st.pv = tensors["adam_pooled_v"].float().to(device)
+    return st
 
 
 def _batch(s: TrainSettings, it: int, latents: torch.Tensor, sigma_table: torch.Tensor, k_all: int, n: int,
-           k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+           k: int, add_noise: AddNoise | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Iteration ``it``'s sampled direction rows, noised images x_t and their sigmas."""
     g = _iteration_generator(s.seed, it)
     img = torch.randperm(latents.shape[0], generator=g)[:n]
@@ -483,38 +584,61 @@ def _batch(s: TrainSettings, it: int, latents: torch.Tensor, sigma_table: torch.
     t = torch.randint(s.t_min, s.t_max + 1, (n,), generator=g)
     noise = torch.randn((n, *latents.shape[1:]), generator=g).to(latents.device)
     sigma = sigma_table[t].to(latents.device)
-    x_t = latents[img] + noise * sigma.view(-1, *([1] * (latents.dim() - 1)))
+    if add_noise is None:
+        x_t = latents[img] + noise * sigma.view(-1, *([1] * (latents.dim() - 1)))
+    else:
+        x_t = add_noise(latents[img], noise, sigma)
     return rows, x_t, sigma
 
 
 def _deltas(predict_noise: PredictNoise, x_t: torch.Tensor, sigma: torch.Tensor, ctx: torch.Tensor,
-            eps0: torch.Tensor) -> torch.Tensor:
-    """[N, K', ...] edits of the directions ``ctx`` [K', T, D] on x_t, in one batched call
-    (row j*N + i is image i under direction j)."""
+            eps0: torch.Tensor, pooled: torch.Tensor | None = None) -> torch.Tensor:
+    """[N, K', ...] edits of the directions ``ctx`` [K', T, D] (and pooled parts [K', P]) on x_t, in one
+    batched call (row j*N + i is image i under direction j)."""
     k, n = ctx.shape[0], x_t.shape[0]
-    eps = predict_noise(x_t.repeat(k, *([1] * (x_t.dim() - 1))), sigma.repeat(k),
-                        ctx.repeat_interleave(n, dim=0)).float()
+    args = [x_t.repeat(k, *([1] * (x_t.dim() - 1))), sigma.repeat(k), ctx.repeat_interleave(n, dim=0)]
+    if pooled is not None:
+        args.append(pooled.repeat_interleave(n, dim=0))
+    eps = predict_noise(*args).float()
     return (eps.reshape(k, n, -1) - eps0.reshape(1, n, -1)).transpose(0, 1)
 
 
+def _eps_empty(predict_noise: PredictNoise, x_t: torch.Tensor, sigma: torch.Tensor, empty: torch.Tensor,
+               empty_pooled: torch.Tensor | None) -> torch.Tensor:
+    """ε(x_t, ∅) for the N images (no gradient: ∅ is fixed)."""
+    n = x_t.shape[0]
+    args = [x_t, sigma, empty.unsqueeze(0).expand(n, -1, -1)]
+    if empty_pooled is not None:
+        args.append(empty_pooled.unsqueeze(0).expand(n, -1))
+    with torch.no_grad():
+        return predict_noise(*args).float()
+
+
 def evaluate_loss(latents: torch.Tensor, empty: torch.Tensor, predict_noise: PredictNoise, sigmas: torch.Tensor,
-                  settings: TrainSettings, directions: torch.Tensor, iterations: Sequence[int]) -> float:
+                  settings: TrainSettings, directions: torch.Tensor, iterations: Sequence[int], *,
+                  pooled: torch.Tensor | None = None, empty_pooled: torch.Tensor | None = None,
+                  add_noise: AddNoise | None = None) -> float:
     """Mean contrastive loss of ``directions`` [K, T, D] on the batches training draws at ``iterations``.
 
     The same images, timesteps, noise and direction subsets for any directions, so the loss of the
-    initial and of the trained directions can be compared without sampling noise.
+    initial and of the trained directions can be compared without sampling noise. ``pooled`` [K, P]
+    and ``empty_pooled`` [P] go together (models with a pooled input); ``add_noise`` as in training.
     """
     s = settings
     dev = latents.device
     sigma_table = sigmas.detach().to("cpu", torch.float32)
     n = min(s.batch_size, latents.shape[0])
+    if (pooled is None) != (empty_pooled is None):
+        raise NoiseCLRError("evaluate_loss: pass pooled and empty_pooled together (or neither).")
+    ep = empty_pooled.to(dev).float() if empty_pooled is not None else None
     total = 0.0
     with torch.no_grad():
         for it in iterations:
             rows, x_t, sigma = _batch(s, it, latents.float(), sigma_table, directions.shape[0], n,
-                                      s.directions_per_iteration)
-            eps0 = predict_noise(x_t, sigma, empty.to(dev).float().unsqueeze(0).expand(n, -1, -1)).float()
-            delta = _deltas(predict_noise, x_t, sigma, directions[rows].to(dev).float(), eps0)
+                                      s.directions_per_iteration, add_noise)
+            eps0 = _eps_empty(predict_noise, x_t, sigma, empty.to(dev).float(), ep)
+            rows_pooled = pooled[rows].to(dev).float() if pooled is not None else None
+            delta = _deltas(predict_noise, x_t, sigma, directions[rows].to(dev).float(), eps0, rows_pooled)
             total += float(contrastive_loss(delta, s.temperature))
     return total / max(1, len(iterations))
 
@@ -534,6 +658,9 @@ def train_directions(
     progress: Progress = no_progress,
     check_cancel: CheckCancel = never_cancel,
     device: torch.device | str | None = None,
+    empty_pooled: torch.Tensor | None = None,
+    add_noise: AddNoise | None = None,
+    family: str = LEGACY_FAMILY,
 ) -> Directions:
     """Learn ``settings.num_directions`` directions on ``latents`` with the NoiseCLR loss.
 
@@ -553,6 +680,12 @@ def train_directions(
         check_cancel: called before each iteration; whatever it raises stops the run, after a checkpoint of
             the last finished iteration is written (when checkpoint_path is set), and propagates.
         device: where the directions live (default: latents' device).
+        empty_pooled: [P] the empty prompt's pooled vector, for models that also take one (SDXL's ADM input,
+            SD3/Flux ``y``): each direction then gains a pooled part [P], started from it and trained with the
+            tokens, and ``predict_noise`` is called as ``(x_t, sigma, context, pooled [B, P])``.
+        add_noise: ``(x_0, noise, sigma [N]) -> x_t`` in the model's sampling space (flow models:
+            (1−σ)·x_0 + σ·noise); None for x_0 + σ·noise.
+        family: the model family's name, stored in the file (checked on resume and when applying).
 
     Returns: the trained Directions (iterations_done == settings.iterations).
     Raises: NoiseCLRError for bad settings or a checkpoint that does not fit; whatever check_cancel raises.
@@ -565,9 +698,14 @@ def train_directions(
     sigma_table = sigmas.detach().to("cpu", torch.float32)
     k_all = s.num_directions
     name_list = list(names)[:k_all] + [f"direction {i}" for i in range(len(list(names)[:k_all]), k_all)]
+    ep = empty_pooled.detach().to(dev, torch.float32) if empty_pooled is not None else None
+    if ep is not None and ep.dim() != 1:
+        raise NoiseCLRError(f"empty_pooled must be one vector [P], got shape {tuple(ep.shape)}.")
     template = Directions(directions=torch.zeros(k_all, s.token_count, empty.shape[1]), empty=empty.cpu(),
                           names=name_list, base_model=dict(base_model or {}), settings=s,
-                          data=dict(data or {}), created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+                          data=dict(data or {}), created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                          pooled=torch.zeros(k_all, ep.shape[0]) if ep is not None else None,
+                          empty_pooled=ep.cpu() if ep is not None else None, family=family)
     ckpt = Path(checkpoint_path) if checkpoint_path is not None else None
 
     st: _State | None = None
@@ -575,7 +713,7 @@ def train_directions(
         st = _load_checkpoint(ckpt, template, dev)
         log.info("NoiseCLR: resuming %s at iteration %d of %d", ckpt, st.iteration, s.iterations)
     if st is None:
-        st = _init_state(empty, s, dev)
+        st = _init_state(empty, s, dev, ep)
 
     m_images = latents.shape[0]
     n = min(s.batch_size, m_images)
@@ -587,15 +725,20 @@ def train_directions(
         it = st.iteration
         with _checkpoint_on_stop(ckpt, st, template):
             check_cancel()
-        rows, x_t, sigma = _batch(s, it, latents, sigma_table, k_all, n, k)
-        with torch.no_grad():
-            eps0 = predict_noise(x_t, sigma, empty.unsqueeze(0).expand(n, -1, -1)).float()
+        rows, x_t, sigma = _batch(s, it, latents, sigma_table, k_all, n, k, add_noise)
+        eps0 = _eps_empty(predict_noise, x_t, sigma, empty, ep)
         ctx = st.params[rows].clone().requires_grad_(True)  # [k, T, D]
-        delta = _deltas(predict_noise, x_t, sigma, ctx, eps0)
+        pooled = st.pooled[rows].clone().requires_grad_(True) if st.pooled is not None else None  # [k, P]
+        delta = _deltas(predict_noise, x_t, sigma, ctx, eps0, pooled)
         loss = contrastive_loss(delta, s.temperature)
-        (grad,) = torch.autograd.grad(loss, ctx)
+        if pooled is None:
+            (grad,) = torch.autograd.grad(loss, ctx)
+            pooled_grad = None
+        else:
+            grad, pooled_grad = torch.autograd.grad(loss, (ctx, pooled))
         with torch.no_grad():
-            _adam_update(st, rows, grad.detach(), s.learning_rate)
+            _adam_update(st, rows, grad.detach(), s.learning_rate,
+                         pooled_grad.detach() if pooled_grad is not None else None)
         value = float(loss.detach())
         if not math.isfinite(value):
             raise NoiseCLRError(f"NoiseCLR: the loss became {value} at iteration {it}; lower the learning rate "
@@ -607,8 +750,9 @@ def train_directions(
         with _checkpoint_on_stop(ckpt, st, template):  # a progress hook may raise too (ComfyUI's interrupt)
             progress(st.iteration, total, _loss_message(value))
 
-    return dataclasses.replace(template, directions=st.params.detach().cpu(), iterations_done=st.iteration,
-                               loss_history=list(st.losses))
+    return dataclasses.replace(template, directions=st.params.detach().cpu(),
+                               pooled=st.pooled.detach().cpu() if st.pooled is not None else None,
+                               iterations_done=st.iteration, loss_history=list(st.losses))
 
 
 def _loss_message(loss: float) -> str:

@@ -105,9 +105,9 @@ def combine_masks(bias: torch.Tensor | None, rows: torch.Tensor, mask: torch.Ten
 
 
 def split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
-    """[B, N, heads * dh] -> [B, heads, N, dh]."""
-    b, n, inner = t.shape
-    return t.reshape(b, n, heads, inner // heads).transpose(1, 2)
+    """[B, N, heads * dh] or [B, N, heads, dh] (MMDiT's values) -> [B, heads, N, dh]."""
+    b, n = t.shape[:2]
+    return t.reshape(b, n, heads, -1).transpose(1, 2)
 
 
 def merge_heads(t: torch.Tensor) -> torch.Tensor:

@@ -59,3 +59,36 @@ def phrase_token_columns(highlights: Sequence[Highlight], rows: Sequence[Sequenc
                                  "edit the prompt, or choose the stroke's phrase again")
         columns.append(pos)
     return columns, total
+
+
+def segment_token_columns(highlights: Sequence[Highlight],
+                          segments: Sequence[tuple[Sequence[Sequence[int]], Callable[[str], Sequence[int]]]],
+                          prompt: str = "") -> tuple[list[list[int]], int]:
+    """phrase_token_columns over a conditioning made of several encoders' tokens laid one after another.
+
+    SD3's conditioning is the CLIP-L/G tokens followed by the T5 tokens along the sequence; each part has its own
+    tokenizer, so a phrase is looked up in each part with that part's tokenizer and found wherever it occurs.
+
+    Args:
+        highlights: the phrases to find.
+        segments: (tokenizer rows, phrase -> ids without start/end tokens) per part, in conditioning order.
+        prompt: the prompt text, only for the error message.
+    Returns:
+        (columns, total): per highlight its positions in the whole conditioning, and the conditioning's length.
+    Raises:
+        HighlightError: a phrase occurs in no part.
+    """
+    total = sum(len(r) for rows, _ in segments for r in rows)
+    columns = []
+    for hl in highlights:
+        pos: list[int] = []
+        offset = 0
+        for rows, phrase_ids in segments:
+            pos.extend(offset + p for p in find_phrase_positions(rows, phrase_ids(hl.phrase)))
+            offset += sum(len(r) for r in rows)
+        if not pos:
+            raise HighlightError(f"the phrase '{hl.phrase}' is not in the prompt '{prompt[:120]}'. A highlight's "
+                                 "phrase must appear in the prompt word for word (case and spacing do not matter): "
+                                 "edit the prompt, or choose the stroke's phrase again")
+        columns.append(pos)
+    return columns, total

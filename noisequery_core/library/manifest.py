@@ -41,6 +41,10 @@ class GenerationKey:
     negative_prompt: str = ""
     denoise: float = 1.0
     extra: tuple[tuple[str, str], ...] = ()  # free-form (name, value) pairs, sorted
+    # What the host detected the model as, e.g. "SDXL:eps", "Flux:flux" (nodes/sampling.py model_family); "" when
+    # unknown (libraries built before it was recorded, imports). Informational, so not part of equality: the model
+    # hash and latent shape already separate families, and an older library of the same model stays extendable.
+    family: str = field(default="", compare=False)
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -51,7 +55,7 @@ class GenerationKey:
     def describe(self) -> str:
         shape = "×".join(map(str, self.latent_shape)) if self.latent_shape else "?"
         return (
-            f"model={self.model!r} hash={self.model_hash or '?'} latent={shape} noise={self.noise} "
+            f"model={self.model!r} family={self.family or '?'} hash={self.model_hash or '?'} latent={shape} noise={self.noise} "
             f"sampler={self.sampler or '?'}/{self.scheduler or '?'} steps={self.steps} cfg={self.cfg} "
             f"denoise={self.denoise} prompt={self.prompt!r} negative={self.negative_prompt!r}"
         )
@@ -223,6 +227,8 @@ class _Schema:
             k: self.str_(self.get(d, k, g + k, getattr(_DEFAULT_GEN, k)), g + k)
             for k in ("model", "model_hash", "noise", "sampler", "scheduler", "prompt", "negative_prompt")
         }
+        # Absent in manifests written before families were recorded: those read as unknown ("").
+        text["family"] = self.str_(self.get(d, "family", g + "family", ""), g + "family", 256)
         return GenerationKey(
             **text,
             latent_shape=shape,

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from .colorspace import ciede2000, lab_to_srgb, srgb_to_lab
+from .mapped import release_pages, transposed
 
 PALETTE_SIZE = 8
 CODE_LEVELS = 32  # per sRGB channel: codes are r·32² + g·32 + b, cell width 8/255
@@ -202,17 +203,14 @@ class PaletteColumns:
         for s in range(0, n, cls._CHUNK):
             p = np.asarray(palette[s : s + cls._CHUNK])
             index[:, s : s + len(p)] = (p[..., 0].astype(np.int32) * WIDTH_LEVELS + width_level(p[..., 1])).T
+        release_pages(palette)  # read once: the scan uses ``index``
         return cls(index, shares)
 
     def shares(self, region: int) -> np.ndarray:
         """uint8 [PALETTE_SIZE, N]: share × 255 of each palette colour in the region."""
         got = self._shares.get(region)
         if got is None:
-            n = self.count
-            got = np.empty((PALETTE_SIZE, n), np.uint8)
-            for s in range(0, n, self._CHUNK):
-                got[:, s : s + self._CHUNK] = np.asarray(self._shares_rows[s : s + self._CHUNK, region]).T
-            self._shares[region] = got
+            got = self._shares[region] = transposed(self._shares_rows, (region,), chunk=self._CHUNK)
         return got
 
 

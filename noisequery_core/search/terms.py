@@ -18,6 +18,7 @@ from ..errors import QueryError
 from ..library.storage import Library
 from . import color, palette
 from .index import ClipSearcher
+from .mapped import transposed
 
 if TYPE_CHECKING:  # the query's description types (query.py imports this module at run time)
     from .query import Query, RegionTarget, StatTarget
@@ -30,7 +31,10 @@ class Term(Protocol):
     weight: float  # standard deviations of this term per unit of the total
 
     def score(self, rows: np.ndarray | None) -> np.ndarray:
-        """Raw values for library ``rows`` (int64 indices, any order), or for every row in order when None."""
+        """Raw values for library ``rows`` (int64 indices, any order), or for every row in order when None.
+
+        Always a new float32 array that the caller may change in place (the Searcher scales it there).
+        """
         ...
 
 
@@ -40,15 +44,35 @@ def _pick(a: np.ndarray, rows: np.ndarray | None) -> np.ndarray:
 
 
 class ScanColumns:
-    """Column-major copies of the colour columns the terms scan (one contiguous array per feature)."""
+    """Column-major copies of the colour columns the terms scan, each made on its first use.
+
+    One contiguous array per statistic (4 B per entry) and per region's mean lightness (2 B per
+    entry), read from the memory-mapped column whose pages are then released (mapped.transposed):
+    a library queried by brightness alone holds 4 B per entry for it, not the 110 B of every
+    statistic and region.
+    """
 
     def __init__(self, library: Library):
         self.library = library
         self.count = library.count
         self.color_version = library.features.color_version
-        self.stats = np.ascontiguousarray(np.asarray(library.column("stats"), dtype=np.float32).T)  # [S, N]
-        self.regions = np.ascontiguousarray(np.asarray(library.column("regions")).transpose(1, 2, 0))  # fp16 [R,3,N]
+        self._stats: dict[int, np.ndarray] = {}
+        self._lightness: dict[int, np.ndarray] = {}
         self._palette: palette.PaletteColumns | None = None
+
+    def stat(self, index: int) -> np.ndarray:
+        """float32 [N]: statistic ``index`` (color.STATS order) of every entry."""
+        got = self._stats.get(index)
+        if got is None:
+            got = self._stats[index] = transposed(self.library.column("stats"), (index,), dtype=np.float32)
+        return got
+
+    def region_lightness(self, region: int) -> np.ndarray:
+        """float16 [N]: mean CIELAB L (0..100) of region ``region`` (color.REGION_NAMES order) of every entry."""
+        got = self._lightness.get(region)
+        if got is None:
+            got = self._lightness[region] = transposed(self.library.column("regions"), (region, 0))
+        return got
 
     def palette_columns(self) -> palette.PaletteColumns:
         """The palette columns laid out for the scan (on first use: 40 B per entry in RAM, 8 more per region queried).
@@ -195,7 +219,7 @@ def stat_term(cols: ScanColumns, st: StatTarget) -> StatTargetTerm | StatRangeTe
             raise QueryError(f"{st.name} {label} {val} is outside its range {spec.lo}..{spec.hi}.")
     if st.lo is not None and st.hi is not None and st.lo > st.hi:
         raise QueryError(f"{st.name}: range low {st.lo} is above high {st.hi}.")
-    col = cols.stats[color.STAT_INDEX[st.name]]
+    col = cols.stat(color.STAT_INDEX[st.name])
     if st.target is not None:
         return StatTargetTerm(f"{st.name}={st.target}", float(st.weight), col, st.target)
     return StatRangeTerm(f"{st.name} in [{st.lo},{st.hi}]", float(st.weight), col, st.lo, st.hi)
@@ -227,7 +251,7 @@ def region_term(cols: ScanColumns, rt: RegionTarget) -> ColorTerm | RegionLightn
         target = color.srgb_to_lab(color.parse_hex_color(rt.color))
         return ColorTerm(f"{rt.region} {rt.color}", float(rt.weight), cols.palette_columns(), target, region=r)
     assert rt.lightness is not None  # checked above
-    return RegionLightnessTerm(f"{rt.region} L={rt.lightness}", float(rt.weight), cols.regions[r, 0], rt.lightness)
+    return RegionLightnessTerm(f"{rt.region} L={rt.lightness}", float(rt.weight), cols.region_lightness(r), rt.lightness)
 
 
 @dataclass(eq=False)

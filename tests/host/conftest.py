@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 
 import comfy_harness
+import family_models
 import pytest
 
 log = logging.getLogger(__name__)
@@ -38,15 +39,65 @@ def tiny_ckpt_name(tiny_checkpoint: Path) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_family_factory(comfy_path: Path, tiny_checkpoint: Path) -> Callable[[str], family_models.TinyFamily]:
+    """family -> TinyFamily: its tiny checkpoint linked into the session's checkpoints folder (next to the SD1.5
+    one, so in-process ComfyUI and the servers list it), made on first use from the per-machine cache
+    (family_models.cached_family_checkpoint; the Flux file alone is 1.1 GB)."""
+    made: dict[str, family_models.TinyFamily] = {}
+
+    def get(family: str) -> family_models.TinyFamily:
+        if family not in made:
+            src = family_models.cached_family_checkpoint(family, comfy_path)
+            path = family_models.link_checkpoint(src, tiny_checkpoint.parent)
+            made[family] = family_models.TinyFamily(family_models.SPECS[family], path)
+        return made[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tiny_family_factory: Callable[[str], family_models.TinyFamily]) -> family_models.TinyFamily:
+    """Tiny random SDXL checkpoint (detected as comfy.supported_models.SDXL; CLIP from NQTestTinyCLIPLoader)."""
+    return tiny_family_factory("sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3(tiny_family_factory: Callable[[str], family_models.TinyFamily]) -> family_models.TinyFamily:
+    """Tiny random SD3 (MMDiT) checkpoint (detected as SD3; CLIP-L + CLIP-G + T5 from NQTestTinyCLIPLoader)."""
+    return tiny_family_factory("sd3")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tiny_family_factory: Callable[[str], family_models.TinyFamily]) -> family_models.TinyFamily:
+    """Tiny random Flux-dev checkpoint (one double- and one single-stream block; CLIP-L + T5 from
+    NQTestTinyCLIPLoader; positive conditioning through FluxGuidance)."""
+    return tiny_family_factory("flux")
+
+
+@pytest.fixture(scope="session", params=family_models.FAMILIES)
+def tiny_family(request: pytest.FixtureRequest,
+                tiny_family_factory: Callable[[str], family_models.TinyFamily]) -> family_models.TinyFamily:
+    """Each test using it runs once per family: sdxl, sd3, flux."""
+    return tiny_family_factory(request.param)
+
+
+@pytest.fixture(scope="session")
 def dummy_pack(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A one-node V3 pack (node NQHarnessEcho) proving that pack loading works."""
     return comfy_harness.write_dummy_pack(tmp_path_factory.mktemp("packs") / comfy_harness.DUMMY_PACK_NAME)
 
 
 @pytest.fixture(scope="session")
-def comfy_packs(dummy_pack: Path) -> dict[str, Path]:
-    """Packs to load, name -> dir: the dummy pack, plus this repo as PACK_NAME once it has an __init__.py."""
-    packs = {comfy_harness.DUMMY_PACK_NAME: dummy_pack}
+def family_pack(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Test-only pack with NQTestTinyCLIPLoader(family): tiny SDXL / SD3 / Flux text encoders (family_models)."""
+    return family_models.write_family_pack(tmp_path_factory.mktemp("packs") / family_models.FAMILY_PACK_NAME)
+
+
+@pytest.fixture(scope="session")
+def comfy_packs(dummy_pack: Path, family_pack: Path) -> dict[str, Path]:
+    """Packs to load, name -> dir: the dummy pack, the tiny-text-encoder test pack, plus this repo as PACK_NAME
+    once it has an __init__.py."""
+    packs = {comfy_harness.DUMMY_PACK_NAME: dummy_pack, family_models.FAMILY_PACK_NAME: family_pack}
     if (REPO_ROOT / "__init__.py").is_file():
         packs[PACK_NAME] = REPO_ROOT
     return packs

@@ -40,5 +40,6 @@ def test_click_to_pick_loop_in_the_page(tmp_path: Path, frontend: comfy_harness.
     assert proc.returncode == 0, out[-4000:]
     assert f"the page runs comfyui-frontend-package {frontend.version}" in out, out[-4000:]
     assert "click on variant #2 wrote the offered history" in out, out[-4000:]
+    assert "tab switch and back: the picker still shows" in out, out[-4000:]
     assert (tmp_path / "explore_picker.png").is_file()
     print(f"screenshot: {tmp_path / 'explore_picker.png'}")

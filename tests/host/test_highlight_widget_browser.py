@@ -294,17 +294,18 @@ def _no_problems(page: Any) -> None:
 # --------------------------------------------------------------------------------------------------
 
 def test_canvas_replaces_text_box(page: Any, node_id: int) -> None:
-    """The raw JSON box is hidden but still serialized; an untouched node queues the empty drawing."""
+    """The raw JSON widget is hidden but still serialized; an untouched node queues the empty drawing."""
     box = page.evaluate("(id) => __nqh.textBox(id)", node_id)
     assert box == {"hidden": True, "serialize": True, "shown": False}, box
     assert _highlights(page, node_id) == {"version": 1, "strokes": []}
-    # the { } button shows the text box, and hides it again
+    # the { } button shows the strokes as JSON in the widget's own box (the hidden widget stays hidden), and hides it
     _root(page, node_id).locator("button.nq-hl-json").click()
     page.evaluate("() => app.canvas.setDirty(true, true)")
-    page.wait_for_timeout(200)
-    assert page.evaluate("(id) => __nqh.textBox(id)", node_id)["shown"] is True
+    box = _root(page, node_id).locator(".nq-hl-json-box")
+    box.wait_for(state="visible", timeout=5_000)
+    assert json.loads(box.input_value()) == {"version": 1, "strokes": []}
     _root(page, node_id).locator("button.nq-hl-json").click()
-    page.wait_for_timeout(200)
+    box.wait_for(state="hidden", timeout=5_000)
     assert page.evaluate("(id) => __nqh.textBox(id)", node_id)["hidden"] is True
     _no_problems(page)
 

@@ -70,6 +70,26 @@ function setHidden(widget, hidden) {
   widget.options.hidden = hidden;
 }
 
+/** Tell ComfyUI the workflow changed, as its own widgets do after an edit: the tab gets its "modified" dot and the
+ * workflow kept for a page reload is updated. The frontend's change tracker offers captureCanvasState (1.5x) or
+ * checkState (older); without one, only the canvas is redrawn. */
+function markChanged(node) {
+  node.setDirtyCanvas?.(true, true);
+  node.graph?.change?.();
+  const tracker = app.extensionManager?.workflow?.activeWorkflow?.changeTracker
+    ?? app.workflowManager?.activeWorkflow?.changeTracker;
+  if (typeof tracker?.captureCanvasState === "function") tracker.captureCanvasState();
+  else tracker?.checkState?.();
+}
+
+/** Whether the node's `highlights` input is fed by a link (then the drawing is not used). */
+function highlightsLinked(node) {
+  const slot = node.inputs?.findIndex((i) => i.widget?.name === "highlights" || i.name === "highlights") ?? -1;
+  if (slot < 0) return false;
+  if (typeof node.isInputConnected === "function") return node.isInputConnected(slot);
+  return node.inputs[slot].link != null; // frontends before isInputConnected
+}
+
 function el(tag, props = {}, style = {}) {
   const e = document.createElement(tag);
   Object.assign(e, props);
@@ -136,7 +156,13 @@ class HighlightEditor {
     this.info = el("div", { className: "nq-hl-info" }, {
       opacity: "0.75", whiteSpace: "nowrap", overflow: "hidden", textOverflow: "ellipsis", display: "none",
     });
-    this.root.append(row1, row2, this.legend, this.info, this.stage);
+    // The strokes as JSON text, editable; shown by the { } button. Our own box rather than the hidden `highlights`
+    // widget, which the Nodes 2.0 renderer of some frontends never shows again once hidden.
+    this.jsonBox = el("textarea", { className: "nq-hl-json-box", spellcheck: false,
+      title: "The strokes as JSON (edit and click outside to apply)" },
+    { display: "none", width: "100%", height: "90px", minHeight: "90px", boxSizing: "border-box", resize: "none",
+      fontSize: "10px", fontFamily: "monospace" });
+    this.root.append(row1, row2, this.legend, this.info, this.jsonBox, this.stage);
 
     // Pointer events stay here: in the Nodes 2.0 renderer the node element above would take a drawing gesture for
     // a drag of the node (tested); on the classic canvas nothing above reacts today, and this keeps it that way.
@@ -146,6 +172,8 @@ class HighlightEditor {
     }
     // Typing a phrase must not trigger ComfyUI's keyboard shortcuts.
     this.customInput.addEventListener("keydown", (e) => e.stopPropagation());
+    this.jsonBox.addEventListener("keydown", (e) => e.stopPropagation());
+    this.jsonBox.addEventListener("change", () => this.applyJson());
     this.canvas.addEventListener("pointerdown", (e) => this.onDown(e));
     this.canvas.addEventListener("pointermove", (e) => this.onMove(e));
     this.canvas.addEventListener("pointerup", (e) => this.onUp(e));
@@ -186,8 +214,12 @@ class HighlightEditor {
     const text = this.strokes.length ? JSON.stringify({ version: 1, strokes: this.strokes }) : EMPTY;
     this.lastText = text;
     this.error = "";
-    if (w) w.value = text; // also calls the widget's callback, so ComfyUI sees the graph change
-    this.node.graph?.setDirtyCanvas?.(true, false);
+    if (w && w.value !== text) {
+      w.value = text;
+      w.callback?.(text);
+    }
+    if (this.jsonBox.style.display !== "none") this.jsonBox.value = text;
+    markChanged(this.node); // a stroke, Undo or Clear is a workflow change like any widget edit
     this.refreshLegend();
   }
 
@@ -206,13 +238,27 @@ class HighlightEditor {
   }
 
   toggleJson() {
-    const w = this.widget("highlights");
-    if (!w) return;
-    setHidden(w, !w.hidden);
-    this.jsonButton.style.fontWeight = w.hidden ? "" : "bold";
-    const size = this.node.computeSize();
-    this.node.setSize([this.node.size[0], Math.max(this.node.size[1], size[1])]);
-    this.node.graph?.setDirtyCanvas?.(true, true);
+    const show = this.jsonBox.style.display === "none";
+    this.jsonBox.style.display = show ? "" : "none";
+    if (show) this.jsonBox.value = this.widget("highlights")?.value ?? EMPTY;
+    this.jsonButton.style.fontWeight = show ? "bold" : "";
+    this.layout();
+    this.node.setDirtyCanvas?.(true, true);
+  }
+
+  /** Take the JSON box's text as the drawing (edited by hand); unreadable text is reported, not applied. */
+  applyJson() {
+    const text = this.jsonBox.value;
+    try {
+      this.strokes = parseStrokes(text);
+    } catch (err) {
+      this.error = `JSON box: ${err.message}; not applied`;
+      this.refreshLegend();
+      return;
+    }
+    this.save();
+    this.refreshPhrases(true);
+    this.draw();
   }
 
   // ---- phrases and colours ----
@@ -293,7 +339,7 @@ class HighlightEditor {
       });
       this.legend.append(item);
     }
-    const linked = this.node.inputs?.find((i) => i.widget?.name === "highlights")?.link != null;
+    const linked = highlightsLinked(this.node);
     const note = this.error || (linked ? "highlights come from a link: this drawing is not used" : "");
     this.status.textContent = note || `${this.strokes.length} stroke${this.strokes.length === 1 ? "" : "s"}`;
     this.status.title = this.status.textContent;
@@ -320,6 +366,7 @@ class HighlightEditor {
   layout() {
     const [w, h] = this.imageSize();
     this.aspect = w / h;
+    this.fitStageToWidth();
     const sw = this.stage.clientWidth, sh = this.stage.clientHeight;
     if (sw < 2 || sh < 2) return;
     let cw = sw - 2, ch = cw / this.aspect;
@@ -336,10 +383,21 @@ class HighlightEditor {
     this.draw();
   }
 
+  /** The Nodes 2.0 renderer gives a DOM widget the height of its content, not what is left of the node: there the
+   * stage asks for the canvas's height at the full width (the width/height aspect), within bounds. On the classic
+   * canvas the stage fills the node's height (flex), so nothing is asked. */
+  fitStageToWidth() {
+    const vue = !!this.root.parentElement?.closest("[data-node-id]");
+    const base = `${CANVAS_MIN_HEIGHT - 20}px`;
+    const want = vue && this.stage.clientWidth > 2
+      ? `${Math.round(Math.min(720, Math.max(CANVAS_MIN_HEIGHT, (this.stage.clientWidth - 2) / this.aspect + 2)))}px` : base;
+    if (this.stage.style.minHeight !== want) this.stage.style.minHeight = want;
+  }
+
   /** Called on every frame ComfyUI draws the node: cheap checks for changes made elsewhere. */
   poll() {
     if (this.root.dataset.nodeId !== String(this.node.id)) this.root.dataset.nodeId = String(this.node.id);
-    const linked = this.node.inputs?.find((i) => i.widget?.name === "highlights")?.link != null;
+    const linked = highlightsLinked(this.node);
     if (linked !== this.linked) this.refreshLegend();
     this.syncFromWidget();
     this.refreshPhrases();
@@ -500,6 +558,7 @@ app.registerExtension({
   name: "NoiseQuery.HighlightScribble",
   beforeRegisterNodeDef(nodeType, nodeData) {
     if (nodeData.name !== NODE) return;
+    nodeType.prototype.nqOwnReport = true; // its run summary is shown in the widget (noisequery_report.js skips it)
 
     const onNodeCreated = nodeType.prototype.onNodeCreated;
     nodeType.prototype.onNodeCreated = function () {
