@@ -267,6 +267,21 @@ def _example() -> dict[str, Any]:
     return {k: v for k, v in graph.items() if isinstance(v, dict) and "class_type" in v}
 
 
+def test_object_info_of_the_refine_node(comfy_server: ComfyServer) -> None:
+    d = comfy_server.object_info()["NoiseQueryRefine"]
+    assert d["description"].strip() and d["category"] == "NoiseQuery/explore"
+    for section in ("required", "optional"):
+        for name, spec in d["input"].get(section, {}).items():
+            assert isinstance(spec[1], dict) and spec[1].get("tooltip", "").strip(), f"{name}: no tooltip"
+    tips = d.get("output_tooltips") or []
+    assert len(tips) == len(d["output"]) and all(t.strip() for t in tips)
+    assert d["output"] == ["NOISE", "LATENT", "IMAGE", "IMAGE", "STRING", "FLOAT", "STRING"]
+    assert d["input"]["optional"]["query"][0] == "NOISEQUERY_QUERY"  # wires to a Noise Query's `query` output
+    # no "randomize after run" on the start seed: the walk's start (and its history) would change every run
+    assert d["input"]["required"]["seed"][1]["control_after_generate"] is False
+    assert d["input"]["required"]["budget"][1]["min"] == 1
+
+
 @pytest.fixture(scope="module")
 def server_library(comfy_server: ComfyServer, tiny_ckpt_name: str) -> str:
     """The library the adapted example queries, built on the server through POST /prompt."""
