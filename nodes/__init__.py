@@ -10,6 +10,7 @@ from . import _host
 from .directions_nodes import NOISECLR_NODES
 from .exploration_invariant_nodes import INVARIANT_NODES
 from .exploration_rank_nodes import NoiseQueryRank
+from .exploration_refine_nodes import NoiseQueryRefine
 from .exploration_variation_nodes import NoiseQueryVariantPicker, NoiseQueryVariations
 from .exploration_walk_nodes import NoiseQueryConditioningInterpolate, NoiseQuerySeedGrid, NoiseQuerySeedSlerp
 from .guidance_nodes import HighlightScribbleGuide, NoiseQueryHighlightMask
@@ -24,7 +25,7 @@ NODE_CLASSES: list[type] = [
     NoiseQuerySeedInfluence,  # before a build: does the seed steer this model?
     HighlightScribbleGuide, NoiseQueryHighlightMask,  # guide
     NoiseQuerySeedSlerp, NoiseQuerySeedGrid, NoiseQueryConditioningInterpolate,  # infinite index
-    NoiseQueryVariations, NoiseQueryVariantPicker, NoiseQueryRank,
+    NoiseQueryVariations, NoiseQueryVariantPicker, NoiseQueryRank, NoiseQueryRefine,
     *NOISECLR_NODES,  # NoiseCLR
     *INVARIANT_NODES,  # seed-invariant prompt
 ]

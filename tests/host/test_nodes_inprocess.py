@@ -27,7 +27,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 PACK_NODE_IDS = {"BuildNoiseLibrary", "NoiseQueryText", "NoiseQueryColor", "NoiseQueryLibraryInfo",
                  "HighlightScribbleGuide", "NoiseQueryHighlightMask",
                  "NoiseQuerySeedSlerp", "NoiseQuerySeedGrid", "NoiseQueryConditioningInterpolate", "NoiseQueryVariations",
-                 "NoiseQueryVariantPicker", "NoiseQueryRank", "NoiseQuerySeedInfluence",
+                 "NoiseQueryVariantPicker", "NoiseQueryRank", "NoiseQuerySeedInfluence", "NoiseQueryRefine",
+                 "NoiseQuerySeedInvariantPrompt", "NoiseQueryLoadInvariantPrompt",
                  "NoiseCLRTrainDirections", "NoiseCLRApplyDirections", "NoiseCLRNameDirections"}
 PERMANENT_IDS = ("BuildNoiseLibrary", "NoiseQueryText", "NoiseQueryColor", "HighlightScribbleGuide")  # stored in users' saved workflows
 
