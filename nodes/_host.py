@@ -15,7 +15,8 @@ import folder_paths
 import torch
 
 from ..noisequery_core import ClipEmbedder, ClipSpec, Library, Searcher, load_clip
-from ..noisequery_core.errors import ModelError
+from ..noisequery_core.errors import ModelError, QueryError
+from ..noisequery_core.exploration.rank import AestheticHead
 from ..noisequery_core.library.paths import list_libraries, resolve_library
 from ..noisequery_core.search.clip import spec_for_identity
 
@@ -250,3 +251,36 @@ def send_progress_text(text: str, node_id: str) -> None:
 def raise_if_interrupted() -> None:
     """Raise ComfyUI's interrupt (InterruptProcessingException) when the user pressed Cancel."""
     comfy.model_management.throw_exception_if_processing_interrupted()
+
+
+# ------------------------------------------------------------------ aesthetic score heads
+
+AESTHETIC_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+_heads: dict[str, tuple[float, AestheticHead]] = {}
+_heads_lock = threading.Lock()
+
+
+def aesthetic_choices() -> list[str]:
+    """'none' and the score heads in models/noisequery_aesthetic (NoiseQueryRank and NoiseQueryRefine offer them)."""
+    try:
+        names = folder_paths.get_filename_list(AESTHETIC_FOLDER)
+    except Exception as exc:  # folder not registered (should not happen): offer none, say why in the log
+        log.warning("cannot list %s: %s", AESTHETIC_FOLDER, exc)
+        names = []
+    return ["none", *[n for n in names if n.lower().endswith(AESTHETIC_SUFFIXES)]]
+
+
+def aesthetic_head(name: str) -> AestheticHead:
+    """The head ``name`` from models/noisequery_aesthetic, loaded once and reloaded when the file changes."""
+    path = folder_paths.get_full_path(AESTHETIC_FOLDER, name)
+    if path is None:
+        raise QueryError(f"aesthetic model {name!r} is not in models/{AESTHETIC_FOLDER} "
+                         f"({', '.join(folder_paths.get_folder_paths(AESTHETIC_FOLDER))}); put the file there "
+                         "and refresh, or choose 'none' (or another metric).")
+    mtime = os.path.getmtime(path)
+    with _heads_lock:
+        got = _heads.get(path)
+        if got is None or got[0] != mtime:
+            got = (mtime, AestheticHead.load(path))
+            _heads[path] = got
+    return got[1]

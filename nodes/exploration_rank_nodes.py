@@ -7,52 +7,20 @@ models the noise libraries are built with), aesthetic heads from models/noiseque
 from __future__ import annotations
 
 import logging
-import threading
 from typing import Any
 
-import folder_paths
 import torch
 from comfy_api.latest import io
 
 from ..noisequery_core import ClipSpec, QueryError
-from ..noisequery_core.exploration.rank import AestheticHead, clip_scores, embed_images, rank
+from ..noisequery_core.exploration.rank import clip_scores, embed_images, rank
 from ..noisequery_core.search.clip import spec_for_identity
 from . import _host
 from ._glue import MissingNoise, PickedNoise, to_pil
+from ._host import aesthetic_choices, aesthetic_head
 from ._validate import check_numbers, require_numbers
 
 log = logging.getLogger("noisequery")
-
-AESTHETIC_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
-_heads: dict[str, tuple[float, AestheticHead]] = {}
-_lock = threading.Lock()
-
-
-def aesthetic_choices() -> list[str]:
-    try:
-        names = folder_paths.get_filename_list(_host.AESTHETIC_FOLDER)
-    except Exception as exc:  # folder not registered (should not happen): offer none, say why in the log
-        log.warning("cannot list %s: %s", _host.AESTHETIC_FOLDER, exc)
-        names = []
-    return ["none", *[n for n in names if n.lower().endswith(AESTHETIC_SUFFIXES)]]
-
-
-def aesthetic_head(name: str) -> AestheticHead:
-    path = folder_paths.get_full_path(_host.AESTHETIC_FOLDER, name)
-    if path is None:
-        raise QueryError(f"aesthetic model {name!r} is not in models/{_host.AESTHETIC_FOLDER} "
-                         f"({', '.join(folder_paths.get_folder_paths(_host.AESTHETIC_FOLDER))}); put the file there "
-                         "and refresh, or choose 'none'.")
-    import os
-
-    mtime = os.path.getmtime(path)
-    with _lock:
-        got = _heads.get(path)
-        if got is None or got[0] != mtime:
-            got = (mtime, AestheticHead.load(path))
-            _heads[path] = got
-    return got[1]
-
 
 class NoiseQueryRank(io.ComfyNode):
     @classmethod

@@ -14,15 +14,13 @@ from typing import Any
 import comfy.model_management
 import comfy.sample
 import comfy.samplers
-import folder_paths
 import numpy as np
 import torch
 from comfy_api.latest import io
 
-from ..noisequery_core import ClipSpec, QueryError
+from ..noisequery_core import ClipSpec
 from ..noisequery_core.errors import Cancelled, NoiseQueryError
 from ..noisequery_core.exploration.explore import STRENGTH_MAX, History, HistoryError
-from ..noisequery_core.exploration.rank import AestheticHead
 from ..noisequery_core.exploration.refine import (
     MAX_BATCH,
     MAX_BUDGET,
@@ -39,6 +37,7 @@ from ..noisequery_core.noise import seed_noise
 from ..noisequery_core.search.query import Query
 from . import _host
 from ._glue import MadeNoise, seed_input, to_image, to_pil
+from ._host import aesthetic_choices, aesthetic_head
 from ._validate import numbers_problem, require_numbers
 from .sampling import SeedRenderer, _sampler_with_noise, decode
 
@@ -46,7 +45,6 @@ METRICS = ("query terms", "CLIP text", "aesthetic", "mix")
 # The wire type of the Noise Query nodes' `query` output (nodes/search_nodes.py QueryType; kept in sync by name, as
 # node modules do not import each other).
 QueryType = io.Custom("NOISEQUERY_QUERY")
-AESTHETIC_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")  # as NoiseQueryRank lists them
 # ui keys for headless clients (the walk's history, and every render's score as a JSON list, render order)
 UI_HISTORY = "noisequery_refine_history"
 UI_SCORES = "noisequery_refine_scores"
@@ -83,22 +81,6 @@ class NoiseRenderer(SeedRenderer):
         else:
             samples = self._sample_noise(noises)
         return samples, decode(self.vae, samples)
-
-
-def aesthetic_choices() -> list[str]:
-    """'none' and the heads in models/noisequery_aesthetic (the folder NoiseQueryRank reads)."""
-    names = folder_paths.get_filename_list(_host.AESTHETIC_FOLDER)
-    return ["none", *[n for n in names if n.lower().endswith(AESTHETIC_SUFFIXES)]]
-
-
-def aesthetic_head(name: str) -> AestheticHead:
-    """The head ``name`` from models/noisequery_aesthetic (loaded per run: a few MB at most)."""
-    path = folder_paths.get_full_path(_host.AESTHETIC_FOLDER, name)
-    if path is None:
-        raise QueryError(f"aesthetic model {name!r} is not in models/{_host.AESTHETIC_FOLDER} "
-                         f"({', '.join(folder_paths.get_folder_paths(_host.AESTHETIC_FOLDER))}); put the file there "
-                         "and refresh, or choose another metric.")
-    return AestheticHead.load(path)
 
 
 def _cancelled_on_interrupt(fn: Any) -> Any:
