@@ -23,7 +23,7 @@ import comfy.samplers
 import folder_paths
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageOps
 
 from ..noisequery_core.directions.noiseclr import (
     AddNoise,
@@ -39,7 +39,7 @@ from ..noisequery_core.directions.noiseclr import (
     train_directions,
 )
 from ..noisequery_core.errors import NoiseCLRError
-from ..noisequery_core.imaging import load_image
+from ..noisequery_core.imaging import load_image, loss_curve_picture
 from ..noisequery_core.work import CheckCancel, Progress, never_cancel, no_progress
 from . import _host
 from ._glue import to_image, to_uint8
@@ -328,26 +328,7 @@ def split_conditioning(cond: Any, where: str) -> tuple[torch.Tensor, torch.Tenso
 
 def loss_plot(losses: Sequence[float], width: int = 512, height: int = 256) -> torch.Tensor:
     """The loss curve (and its running mean) as an IMAGE [1, H, W, 3]."""
-    im = Image.new("RGB", (width, height), (24, 24, 28))
-    draw = ImageDraw.Draw(im)
-    if len(losses) >= 2:
-        arr = np.asarray(losses, dtype=np.float64)
-        w = max(1, len(arr) // 20)
-        smooth = np.convolve(arr, np.ones(w) / w, mode="valid")
-        lo, hi = float(arr.min()), float(arr.max())
-        span = hi - lo or 1.0
-
-        def pts(values: np.ndarray, offset: int) -> list[tuple[float, float]]:
-            n = len(arr) - 1
-            return [(8 + (i + offset) / n * (width - 16), height - 20 - (v - lo) / span * (height - 40))
-                    for i, v in enumerate(values)]
-
-        draw.line(pts(arr, 0), fill=(90, 110, 160), width=1)
-        draw.line(pts(smooth, w - 1), fill=(250, 190, 60), width=2)
-        draw.text((8, 4), f"loss {arr[0]:.3f} -> {arr[-1]:.3f} (max {hi:.3f}, min {lo:.3f})", fill=(230, 230, 230))
-    else:
-        draw.text((8, 4), "fewer than 2 iterations", fill=(230, 230, 230))
-    return to_image([im])
+    return to_image([loss_curve_picture(losses, width=width, height=height)])
 
 
 def run_training(model: Any, clip: Any, vae: Any, arrays: Sequence[np.ndarray], source: str, settings: TrainSettings,

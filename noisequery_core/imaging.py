@@ -19,9 +19,10 @@ How each kind of image becomes 8-bit RGB (the choices are deliberate):
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageDraw, ImageOps
 
 from .errors import NoiseQueryError
 
@@ -72,3 +73,30 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
         # EXIF orientation first: phones store the sensor's layout and a tag saying how to turn it.
         upright = ImageOps.exif_transpose(im)
         return to_rgb8(upright, where=str(path))
+
+
+def loss_curve_picture(losses: Sequence[float], note: str = "", width: int = 512, height: int = 256) -> np.ndarray:
+    """A training loss per iteration (blue) and its running mean (orange) as a uint8 [height, width, 3] picture;
+    the title gives first -> last, min and max, then ``note``. Shared by the pack's training nodes."""
+    im = Image.new("RGB", (width, height), (24, 24, 28))
+    draw = ImageDraw.Draw(im)
+    if len(losses) >= 2:
+        arr = np.asarray(losses, dtype=np.float64)
+        w = max(1, len(arr) // 20)
+        smooth = np.convolve(arr, np.ones(w) / w, mode="valid")
+        lo, hi = float(arr.min()), float(arr.max())
+        span = hi - lo or 1.0
+        n = len(arr) - 1
+
+        def pts(values: np.ndarray, offset: int) -> list[tuple[float, float]]:
+            return [(8 + (i + offset) / n * (width - 16), height - 20 - (v - lo) / span * (height - 40))
+                    for i, v in enumerate(values)]
+
+        draw.line(pts(arr, 0), fill=(90, 110, 160), width=1)
+        if len(smooth) >= 2:
+            draw.line(pts(smooth, w - 1), fill=(250, 190, 60), width=2)
+        title = f"loss {arr[0]:.3f} -> {arr[-1]:.3f} (min {lo:.3f}, max {hi:.3f})"
+    else:
+        title = "fewer than 2 iterations"
+    draw.text((8, 4), f"{title}{note}", fill=(230, 230, 230))
+    return np.asarray(im, dtype=np.uint8)

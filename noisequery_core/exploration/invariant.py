@@ -49,6 +49,7 @@ from ..directions.noiseclr import (
     checkpoint_path_for,
 )
 from ..errors import NoiseQueryError
+from ..imaging import loss_curve_picture
 from ..library.manifest import atomic_write_bytes
 from ..noise import batch_noise
 from ..work import CheckCancel, Progress, never_cancel, no_progress
@@ -529,31 +530,9 @@ def held_out_summary(e: Embedding) -> str:
 
 def loss_curve(losses: Sequence[float], held_out: dict[str, Any] | None = None, width: int = 512,
                height: int = 256) -> np.ndarray:
-    """The training loss per iteration (blue) and its running mean (orange), with the held-out loss before →
-    after in the title, as a uint8 [height, width, 3] picture."""
-    from PIL import Image, ImageDraw
-
-    im = Image.new("RGB", (width, height), (24, 24, 28))
-    draw = ImageDraw.Draw(im)
-    title = ""
+    """The training loss per iteration with its running mean, the held-out loss before -> after in the title,
+    as a uint8 [height, width, 3] picture."""
+    note = ""
     if held_out and "before" in held_out and "after" in held_out:
-        title = f"   held-out {float(held_out['before']):.3f} -> {float(held_out['after']):.3f}"
-    if len(losses) >= 2:
-        arr = np.asarray(losses, dtype=np.float64)
-        w = max(1, len(arr) // 20)
-        smooth = np.convolve(arr, np.ones(w) / w, mode="valid")
-        lo, hi = float(arr.min()), float(arr.max())
-        span = hi - lo or 1.0
-        n = len(arr) - 1
-
-        def pts(values: np.ndarray, offset: int) -> list[tuple[float, float]]:
-            return [(8 + (i + offset) / n * (width - 16), height - 20 - (v - lo) / span * (height - 40))
-                    for i, v in enumerate(values)]
-
-        draw.line(pts(arr, 0), fill=(90, 110, 160), width=1)
-        if len(smooth) >= 2:
-            draw.line(pts(smooth, w - 1), fill=(250, 190, 60), width=2)
-        draw.text((8, 4), f"loss {smooth[0]:.3f} -> {smooth[-1]:.3f}{title}", fill=(230, 230, 230))
-    else:
-        draw.text((8, 4), f"fewer than 2 iterations{title}", fill=(230, 230, 230))
-    return np.asarray(im, dtype=np.uint8)
+        note = f"   held-out {float(held_out['before']):.3f} -> {float(held_out['after']):.3f}"
+    return loss_curve_picture(losses, note, width, height)
