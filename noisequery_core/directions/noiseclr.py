@@ -35,7 +35,6 @@ import contextlib
 import dataclasses
 import datetime as _dt
 import hashlib
-import json
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -48,7 +47,7 @@ import torch
 
 from ..checks import number_problem
 from ..errors import NoiseCLRError
-from ..library.manifest import atomic_write_bytes
+from ..tagged_file import TaggedFormat, read_tagged, write_tagged
 from ..work import CheckCancel, Progress, never_cancel, no_progress
 
 log = logging.getLogger("noisequery")
@@ -64,9 +63,6 @@ FAMILY_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789._-")
 CHECKPOINT_SUFFIX = ".safetensors.checkpoint"
 MAX_NAME_PART = 100  # characters per folder/file part of a directions name (+ suffixes stays < 255 bytes)
 MAX_DIRECTIONS = 256
-# Direction tokens start as the text encoder's output (values of a few tens) and move by small Adam steps; a file
-# holding a value beyond this is damaged or not trained by NoiseQuery, and would give black images.
-MAX_ABS_VALUE = 1e4
 FLOAT_SETTINGS = ("learning_rate", "temperature", "init_noise")
 
 # (x_t, sigma, context) -> eps, or (x_t, sigma, context, pooled) -> eps when the directions have a pooled part.
@@ -267,73 +263,30 @@ def save_directions(path: str | Path, d: Directions, *, kind: str = "directions"
                     extra_tensors: dict[str, torch.Tensor] | None = None,
                     extra_meta: dict[str, Any] | None = None) -> Path:
     """Write ``d`` as a directions file (atomically: readers see the old file or the new one)."""
-    from safetensors.torch import save
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {"directions": d.directions.detach().to("cpu", torch.float32).contiguous(),
-               "empty": d.empty.detach().to("cpu", torch.float32).contiguous()}
+    tensors = {"directions": d.directions.detach().to("cpu", torch.float32),
+               "empty": d.empty.detach().to("cpu", torch.float32)}
     if d.pooled is not None and d.empty_pooled is not None:
-        tensors["pooled"] = d.pooled.detach().to("cpu", torch.float32).contiguous()
-        tensors["empty_pooled"] = d.empty_pooled.detach().to("cpu", torch.float32).contiguous()
-    for k, v in (extra_tensors or {}).items():
-        tensors[k] = v.detach().to("cpu").contiguous()
-    # One metadata key only: safetensors writes a multi-key map in hash order, which would make
-    # the bytes of identical files differ between processes.
-    blob = save(tensors, metadata={META_KEY: json.dumps(d.meta(kind, extra_meta), sort_keys=True)})
-    atomic_write_bytes(path, blob)
-    return path
+        tensors["pooled"] = d.pooled.detach().to("cpu", torch.float32)
+        tensors["empty_pooled"] = d.empty_pooled.detach().to("cpu", torch.float32)
+    tensors.update(extra_tensors or {})
+    return write_tagged(path, tensors, d.meta(kind, extra_meta), META_KEY)
 
 
-_VALUE_TENSORS = ("directions", "empty", "pooled", "empty_pooled")  # text encodings: bounded like one
+_FILE = TaggedFormat(
+    META_KEY, FORMAT, FORMAT_VERSION, what="NoiseCLR directions file", meta_label="NoiseCLR",
+    missing="Train directions first, or pick another file from models/noiseclr_directions.",
+    redo="Train the directions again (or resume from an intact checkpoint).", error=NoiseCLRError,
+    bounded=("directions", "empty", "pooled", "empty_pooled"))  # text encodings: bounded like one
 
 
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    from safetensors import safe_open
-
-    if not path.is_file():
-        raise NoiseCLRError(f"NoiseCLR directions file {path} does not exist. Train directions first, or pick "
-                            f"another file from models/noiseclr_directions.")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            raw = (f.metadata() or {}).get(META_KEY)
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as exc:  # safetensors raises its own error types for damaged files
-        raise NoiseCLRError(f"{path} is not a readable safetensors file ({exc}); it is damaged or not a "
-                            f"NoiseCLR directions file.") from exc
-    if raw is None:
-        raise NoiseCLRError(f"{path} is a safetensors file without NoiseCLR metadata (no {META_KEY!r} entry): "
-                            f"not a directions file (a LoRA or checkpoint in the wrong folder?).")
-    try:
-        meta = json.loads(raw)
-    except ValueError as exc:
-        raise NoiseCLRError(f"{path}: the NoiseCLR metadata is not valid JSON ({exc}); the file is damaged.") from exc
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise NoiseCLRError(f"{path}: metadata format is {meta.get('format') if isinstance(meta, dict) else meta!r}, "
-                            f"expected {FORMAT!r}.")
-    version = meta.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise NoiseCLRError(f"{path} was written by a newer NoiseQuery (directions format {version}, this one reads "
-                            f"<= {FORMAT_VERSION}); update the NoiseQuery pack.")
-    required = ["directions", "empty"]
+    tensors, meta = read_tagged(path, _FILE)
     pooled_dim = meta.get("pooled_dim", 0)
     if not isinstance(pooled_dim, int) or pooled_dim < 0:
         raise NoiseCLRError(f"{path}: pooled_dim {pooled_dim!r} is not a width; the file's metadata is damaged.")
-    if pooled_dim:
-        required += ["pooled", "empty_pooled"]
-    for name in required:
+    for name in ["directions", "empty"] + (["pooled", "empty_pooled"] if pooled_dim else []):
         if name not in tensors:
             raise NoiseCLRError(f"{path}: tensor {name!r} is missing; the file is damaged.")
-    for name, t in tensors.items():
-        if t.is_floating_point() and t.numel():
-            t32 = t.float()
-            if not bool(torch.isfinite(t32).all()):
-                raise NoiseCLRError(f"{path}: tensor {name!r} holds NaN or infinite values; the file is damaged. "
-                                    "Train the directions again (or resume from an intact checkpoint).")
-            if name in _VALUE_TENSORS and float(t32.abs().max()) > MAX_ABS_VALUE:
-                raise NoiseCLRError(f"{path}: tensor {name!r} holds values up to {float(t32.abs().max()):.3g}, beyond "
-                                    f"any text encoding (|x| <= {MAX_ABS_VALUE:g}); the file is damaged or was not "
-                                    "written by NoiseQuery. Train the directions again.")
     return tensors, meta
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as _dt
-import json
 import logging
 import math
 from collections.abc import Iterator, Sequence
@@ -50,8 +49,8 @@ from ..directions.noiseclr import (
 )
 from ..errors import NoiseQueryError
 from ..imaging import loss_curve_picture
-from ..library.manifest import atomic_write_bytes
 from ..noise import batch_noise
+from ..tagged_file import TaggedFormat, read_tagged, write_tagged
 from ..work import CheckCancel, Progress, never_cancel, no_progress
 
 log = logging.getLogger("noisequery")
@@ -62,7 +61,6 @@ META_KEY = "noisequery_embedding"
 MAX_NAME_PART = 100  # characters per folder/file part of an embedding name (+ suffixes stays < 255 bytes)
 # Tokens start as the text encoder's output (values of a few tens) and move by small Adam steps; beyond this a
 # file is damaged or not written by NoiseQuery.
-MAX_ABS_VALUE = 1e4
 FLOAT_SETTINGS = ("learning_rate", "prompt_weight")
 # Seeds the held-out loss uses by default: far from anything a run draws (training noise comes from the run's
 # own generator, not from seeds), and the same for every run so reports compare.
@@ -181,61 +179,24 @@ class Embedding:
 def save_embedding(path: str | Path, e: Embedding, *, kind: str = "embedding",
                    extra_tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """Write ``e`` (atomically: readers see the old file or the new one)."""
-    from safetensors.torch import save
+    tensors = {"tokens": e.tokens.detach().to("cpu", torch.float32),
+               "original": e.original.detach().to("cpu", torch.float32), **(extra_tensors or {})}
+    return write_tagged(path, tensors, e.meta(kind), META_KEY)
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {"tokens": e.tokens.detach().to("cpu", torch.float32).contiguous(),
-               "original": e.original.detach().to("cpu", torch.float32).contiguous()}
-    for k, v in (extra_tensors or {}).items():
-        tensors[k] = v.detach().to("cpu").contiguous()
-    # One metadata key only: safetensors writes a multi-key map in hash order (bytes would differ between runs).
-    blob = save(tensors, metadata={META_KEY: json.dumps(e.meta(kind), sort_keys=True)})
-    atomic_write_bytes(path, blob)
-    return path
+
+_FILE = TaggedFormat(
+    META_KEY, FORMAT, FORMAT_VERSION, what="NoiseQuery embedding", meta_label="NoiseQuery embedding",
+    missing="Make one with NoiseQuery Seed-Invariant Prompt, or pick another file from models/noisequery_embeddings.",
+    redo="Run the optimisation again.", error=SeedInvariantError, bounded=("tokens", "original"))
 
 
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    from safetensors import safe_open
-
-    if not path.is_file():
-        raise SeedInvariantError(f"embedding file {path} does not exist. Make one with NoiseQuery Seed-Invariant "
-                                 f"Prompt, or pick another file from models/noisequery_embeddings.")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            raw = (f.metadata() or {}).get(META_KEY)
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as exc:  # safetensors raises its own error types for damaged files
-        raise SeedInvariantError(f"{path} is not a readable safetensors file ({exc}); it is damaged or not a "
-                                 f"NoiseQuery embedding.") from exc
-    if raw is None:
-        raise SeedInvariantError(f"{path} is a safetensors file without NoiseQuery embedding metadata (no "
-                                 f"{META_KEY!r} entry): not a seed-invariant prompt (a model in the wrong folder?).")
-    try:
-        meta = json.loads(raw)
-    except ValueError as exc:
-        raise SeedInvariantError(f"{path}: the embedding metadata is not valid JSON ({exc}); the file is damaged.") from exc
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise SeedInvariantError(f"{path}: metadata format is "
-                                 f"{meta.get('format') if isinstance(meta, dict) else meta!r}, expected {FORMAT!r}.")
-    version = meta.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise SeedInvariantError(f"{path} was written by a newer NoiseQuery (embedding format {version}, this one "
-                                 f"reads <= {FORMAT_VERSION}); update the NoiseQuery pack.")
+    tensors, meta = read_tagged(path, _FILE)
     for name in ("tokens", "original"):
         t = tensors.get(name)
         if t is None or t.dim() != 2 or not t.is_floating_point():
             raise SeedInvariantError(f"{path}: tensor {name!r} is missing or not a [T, D] float tensor; the file is "
                                      "damaged.")
-    for name, t in tensors.items():
-        if t.is_floating_point() and t.numel():
-            t32 = t.float()
-            if not bool(torch.isfinite(t32).all()):
-                raise SeedInvariantError(f"{path}: tensor {name!r} holds NaN or infinite values; the file is damaged. "
-                                         "Run the optimisation again.")
-            if name in ("tokens", "original") and float(t32.abs().max()) > MAX_ABS_VALUE:
-                raise SeedInvariantError(f"{path}: tensor {name!r} holds values up to {float(t32.abs().max()):.3g}, "
-                                         f"beyond any text encoding (|x| <= {MAX_ABS_VALUE:g}); the file is damaged.")
     return tensors, meta
 
 
