@@ -180,6 +180,48 @@ def test_build_query_and_walks_reproduce_ksampler(tiny_family: FM.TinyFamily, co
     assert _max_diff(comfy_runner.node_outputs("85")[0], comfy_runner.node_outputs("322")[0]) <= IMAGE_ATOL
 
 
+GRID_CORNERS = (5, 6, 7, 9)  # top-left, top-right, bottom-left, bottom-right
+
+
+def _grid_graph(spec: FM.FamilySpec, ckpt_name: str) -> dict:
+    """NoiseQuerySeedGrid "75" (2 x 3 cells, the model connected), its bottom-right cell (item 5) through
+    SamplerCustomAdvanced (image node "95", preview "96") and KSampler on the bottom-right seed (preview "343")."""
+    g = FM.family_base(spec, ckpt_name, positive="", negative="")
+    tl, tr, bl, br = GRID_CORNERS
+    g["75"] = {"class_type": "NoiseQuerySeedGrid", "inputs": {
+        "seed_top_left": tl, "seed_top_right": tr, "seed_bottom_left": bl, "seed_bottom_right": br, "rows": 2,
+        "columns": 3, "width": spec.size, "height": spec.size, "model": [FM.CKPT, 0]}}
+    g["76"] = {"class_type": "LatentFromBatch", "inputs": {"samples": ["75", 1], "batch_index": 5, "length": 1}}
+    g.update(G.custom_advanced_image("9", ["75", 0], ["76", 0], steps=1, cfg=spec.cfg, sampler=spec.sampler,
+                                     scheduler=spec.scheduler, negative=FM.NEG))
+    g.update(G.ksampler_image("34", br, steps=1, **_common(spec)))
+    return g
+
+
+def test_seed_grid_with_model_gives_family_latent_and_corner_matches_ksampler(
+        tiny_family: FM.TinyFamily, comfy_nodes: ModuleType, comfy_runner: comfy_harness.InProcessRunner) -> None:
+    """In-process, per family: NoiseQuerySeedGrid with the model connected gives a LATENT and NOISE of the model's
+    shape (16 channels on SD3/Flux, not the default 4); each corner cell's noise is exactly KSampler's noise for
+    that corner's seed; the bottom-right cell (LatentFromBatch index 5) through SamplerCustomAdvanced renders what
+    stock KSampler renders for that seed."""
+    import comfy.sample
+
+    spec = tiny_family.spec
+    h, w = _latent_hw(spec)
+    _run_ok(comfy_runner, _grid_graph(spec, tiny_family.ckpt_name))
+    noise, latent, report = comfy_runner.node_outputs("75")
+    assert tuple(latent["samples"].shape) == (6, spec.latent_channels, h, w)
+    got = noise.generate_noise(latent)
+    assert tuple(got.shape) == (6, spec.latent_channels, h, w)
+    for item, seed in zip((0, 2, 3, 5), GRID_CORNERS, strict=True):
+        want = comfy.sample.prepare_noise(torch.zeros(1, spec.latent_channels, h, w), seed)[0]
+        assert torch.equal(got[item], want), (item, seed)
+    assert not torch.equal(got[1], got[0]) and "2 x 3" in report
+    ks_latent = comfy_runner.node_outputs("341")[0]["samples"]
+    assert tuple(comfy_runner.node_outputs("94")[0]["samples"].shape) == tuple(ks_latent.shape)
+    assert _max_diff(comfy_runner.node_outputs("95")[0], comfy_runner.node_outputs("342")[0]) <= IMAGE_ATOL
+
+
 def test_conditioning_interpolation_keeps_family_extras(tiny_family: FM.TinyFamily, comfy_nodes: ModuleType,
                                                         comfy_runner: comfy_harness.InProcessRunner) -> None:
     """NoiseQueryConditioningInterpolate on the family's conditioning: t=0 is A exactly (tokens and pooled output),
@@ -268,6 +310,18 @@ def test_server_build_query_reproduce(tiny_family: FM.TinyFamily, comfy_server: 
     assert custom[0].shape == (spec.size, spec.size, 3)
     assert int(abs(custom[0] - ks[0]).max()) <= 2
 
+
+
+def test_server_seed_grid_corner_on_sd3(tiny_sd3: FM.TinyFamily, comfy_server: comfy_harness.ComfyServer) -> None:
+    """POST /prompt on SD3: the seed grid with the model connected, its bottom-right cell through
+    SamplerCustomAdvanced -> the same PNG (within 2 levels) as KSampler on the bottom-right seed."""
+    spec = tiny_sd3.spec
+    entry = _server_ok(comfy_server.run(_grid_graph(spec, tiny_sd3.ckpt_name), timeout=900))
+    custom = _server_image(comfy_server, entry, "96")
+    ks = _server_image(comfy_server, entry, "343")
+    assert len(custom) == 1 and len(ks) == 1
+    assert custom[0].shape == (spec.size, spec.size, 3)
+    assert int(abs(custom[0] - ks[0]).max()) <= 2
 
 # --------------------------------------------------------------------------------------------------
 # Seed influence check

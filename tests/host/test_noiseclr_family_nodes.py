@@ -6,8 +6,8 @@ encoder) moves both parts of each direction (the conditioning tokens and the poo
 weights bit-identical; the file records the family and the pooled part; applying with KSampler changes the sample,
 and scale 0 is bit-identical to the unpatched model. Also: directions of one family are refused on another (the
 message names both), an interrupted SD3 run resumes to the uninterrupted result, the Flux training forward (plain
-RoPE, functionalized in-place residuals) computes what ComfyUI's own forward does, and a train + apply graph runs
-through POST /prompt.
+RoPE, functionalized in-place residuals) computes what ComfyUI's own forward does, and on every family a train + apply
+graph runs through POST /prompt.
 
 The models are random, so the images are noise: these tests check the mechanics, not what a direction means.
 Sizes are tiny on purpose (64x64 images, 2 iterations, 8 tokens per direction): the machine has 2 shared cores,
@@ -268,18 +268,23 @@ def test_flux_training_forward_matches_comfyui_forward(tiny_flux: FM.TinyFamily,
     assert torch.allclose(eps.detach(), want, rtol=1e-3, atol=1e-3 * float(want.abs().max()))
 
 
-def test_post_prompt_trains_and_applies_on_sd3(comfy_server: ComfyServer, tiny_sd3: FM.TinyFamily,
-                                               tiny_ckpt_name: str, server_noiseclr_dir: Path) -> None:
+@pytest.mark.parametrize("family", FM.FAMILIES)
+def test_post_prompt_trains_and_applies(family: str, comfy_server: ComfyServer, tiny_family_factory: Any,
+                                        tiny_ckpt_name: str, server_noiseclr_dir: Path) -> None:
+    """Per family through POST /prompt: train (2 iterations, 64x64) writes the directions file, applying it samples
+    and decodes, and an SD1.5 model refuses those directions, naming both families."""
+    fam: FM.TinyFamily = tiny_family_factory(family)
+    spec = fam.spec
     assert comfy_server.workdir is not None
     write_domain(comfy_server.workdir / "input" / DOMAIN, count=4)
-    graph = FM.family_base(tiny_sd3.spec, tiny_sd3.ckpt_name, positive="a red fox", negative="")
-    graph["10"] = _train("server/sd3")
+    graph = FM.family_base(spec, fam.ckpt_name, positive="a red fox", negative="")
+    graph["10"] = _train(f"server/{family}")
     _ok(comfy_server.run(graph, timeout=300))
-    assert (server_noiseclr_dir / "server" / "sd3.safetensors").is_file()
-    graph = FM.family_base(tiny_sd3.spec, tiny_sd3.ckpt_name, positive="a red fox", negative="")
-    graph["30"] = apply_node("server/sd3.safetensors", [(0, 1.0, 0.0, 1.0)], model=[FM.CKPT, 0])
-    graph.update(G.ksampler_image("4", 5, steps=2, cfg=2.0, sampler="euler", scheduler="simple", negative=FM.NEG,
-                                  model=["30", 0], size=64))
+    assert (server_noiseclr_dir / "server" / f"{family}.safetensors").is_file()
+    graph = FM.family_base(spec, fam.ckpt_name, positive="a red fox", negative="")
+    graph["30"] = apply_node(f"server/{family}.safetensors", [(0, 1.0, 0.0, 1.0)], model=[FM.CKPT, 0])
+    graph.update(G.ksampler_image("4", 5, steps=1, cfg=spec.cfg, sampler=spec.sampler, scheduler=spec.scheduler,
+                                  negative=FM.NEG, model=["30", 0], size=64))
     entry = _ok(comfy_server.run(graph, timeout=300))
     assert comfy_harness.output_images(entry)
     # an SD1.5 model refuses these directions through the server too, naming both families
@@ -287,5 +292,5 @@ def test_post_prompt_trains_and_applies_on_sd3(comfy_server: ComfyServer, tiny_s
     entry = comfy_server.run(graph, timeout=300)
     err = comfy_harness.execution_error(entry)
     assert err is not None and err["node_type"] == "NoiseCLRApplyDirections"
-    assert "SD3/SD3.5 ('sd3') family" in err["exception_message"]
+    assert f"{LABELS[family]} ('{family}') family" in err["exception_message"]
     assert "SD1.x/SD2.x ('sd', SD15)" in err["exception_message"]
