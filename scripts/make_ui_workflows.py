@@ -87,6 +87,8 @@ LAYOUTS: dict[str, list[list[str]]] = {
     "variation_explorer": [["1", "4", "5"], ["6"], ["7", "8", "9"], ["10", "11"], ["12"]],
     "noiseclr_train": [["1"], ["2"], ["3"]],
     "noiseclr_apply": [["1", "5"], ["2", "3"], ["4"], ["6", "9"], ["7", "10"], ["8", "11"]],
+    "query_refine_ksampler": [["1", "4", "5"], ["6"], ["7"], ["8", "9"], ["10", "11"], ["12", "13"]],
+    "seed_invariant_prompt": [["1", "2", "3"], ["4", "5", "6"], ["7", "8"], ["9", "10"], ["11", "14"], ["12", "15"], ["13", "16"]],
 }
 # Node sizes [width, height] by class (height None = what the node needs); NoiseQuery nodes are widened.
 SIZES: dict[str, list[float | None]] = {
