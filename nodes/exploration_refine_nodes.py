@@ -159,7 +159,7 @@ class NoiseQueryRefine(io.ComfyNode):
                         budget: int | None = None, batch: int | None = None, replay: str | None = None,
                         seed: int | None = None) -> bool | str:
         # the numbers are named so that NaN/inf are refused; numbers_problem re-applies their schema ranges
-        bad = numbers_problem(cls, {k: v for k, v in locals().items() if k not in ("replay", "seed")})
+        bad = numbers_problem(cls, {k: v for k, v in locals().items() if k != "replay"})
         if bad:
             return bad
         if strength is not None and min_strength is not None and min_strength > strength:

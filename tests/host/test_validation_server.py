@@ -249,10 +249,10 @@ def test_every_number_input_of_every_node_is_checked(comfy_nodes: ModuleType) ->
                 assert isinstance(got, str) and f"input '{inp.id}' is NaN" in got, (node_id, inp.id, got)
             if inp.max is not None:
                 got = cls.validate_inputs(**{inp.id: inp.max + 1})
-                assert isinstance(got, str) and f"input '{inp.id}'" in got and "above the maximum" in got, got
+                assert isinstance(got, str) and f"input '{inp.id}'" in got and "above the maximum" in got, (node_id, inp.id, got)
             if inp.min is not None:
                 got = cls.validate_inputs(**{inp.id: inp.min - 1})
-                assert isinstance(got, str) and f"input '{inp.id}'" in got and "below the minimum" in got, got
+                assert isinstance(got, str) and f"input '{inp.id}'" in got and "below the minimum" in got, (node_id, inp.id, got)
             assert cls.validate_inputs(**{inp.id: inp.default}) is True, (node_id, inp.id)
             checked += 1
     assert checked >= 40, checked
