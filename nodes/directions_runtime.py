@@ -31,7 +31,6 @@ from ..noisequery_core.directions.noiseclr import (
     TrainSettings,
     check_directions_name,
     checkpoint_path_for,
-    data_fingerprint,
     load_directions,
     loss_summary,
     parse_names,
@@ -40,6 +39,7 @@ from ..noisequery_core.directions.noiseclr import (
 )
 from ..noisequery_core.errors import NoiseCLRError
 from ..noisequery_core.imaging import load_image, loss_curve_picture
+from ..noisequery_core.training import data_fingerprint
 from ..noisequery_core.work import CheckCancel, Progress, never_cancel, no_progress
 from . import _host
 from ._glue import to_image, to_uint8

@@ -17,7 +17,6 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..noisequery_core.directions.noiseclr import data_fingerprint
 from ..noisequery_core.exploration.invariant import (
     Embedding,
     InvariantSettings,
@@ -32,6 +31,7 @@ from ..noisequery_core.exploration.invariant import (
     same_origin,
     save_embedding,
 )
+from ..noisequery_core.training import data_fingerprint
 from ..noisequery_core.work import CheckCancel, Progress, never_cancel, no_progress
 from . import _host
 from ._glue import SEED_MAX, to_image, to_uint8

@@ -19,7 +19,8 @@ proportional to ε per image works as "eps" (a flow model's velocity, for one): 
 edits by cosine, which a positive per-image factor does not change. Each iteration draws
 its randomness from its own generator seeded by (seed, iteration), and the optimiser is a
 plain Adam whose state is saved with the directions, so a run resumed from a checkpoint is
-bit-for-bit the run that was never interrupted (on the same device).
+bit-for-bit the run that was never interrupted (on the same device): the machinery of
+noisequery_core/training.py, shared with the seed-invariant prompt.
 
 Files: a directions file is safetensors with tensors ``directions`` [K, T, D] (float32) and
 ``empty`` [T0, D] (the empty prompt's encoding, the ∅ of the formula, needed to apply them),
@@ -31,13 +32,11 @@ tensors, written atomically every ``checkpoint_every`` iterations.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime as _dt
-import hashlib
+import functools
 import logging
-import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +47,19 @@ import torch
 from ..checks import number_problem
 from ..errors import NoiseCLRError
 from ..tagged_file import TaggedFormat, read_tagged, write_tagged
+
+# CHECKPOINT_SUFFIX and checkpoint_path_for are re-exported: scripts and hosts import them from here.
+from ..training import CHECKPOINT_SUFFIX as CHECKPOINT_SUFFIX
+from ..training import (
+    AdamState,
+    AddNoise,
+    PredictNoise,
+    RunSettings,
+    adam_update,
+    iteration_generator,
+    run_iterations,
+)
+from ..training import checkpoint_path_for as checkpoint_path_for
 from ..work import CheckCancel, Progress, never_cancel, no_progress
 
 log = logging.getLogger("noisequery")
@@ -58,30 +70,19 @@ META_KEY = "noiseclr"
 # The family of a file written before families were recorded: NoiseCLR then trained SD1.x/SD2.x UNets only.
 LEGACY_FAMILY = "sd"
 FAMILY_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789._-")
-# A checkpoint is "<name>.safetensors.checkpoint": directions files always end in ".safetensors",
-# so no directions name can collide with a checkpoint, and every directions file is listed.
-CHECKPOINT_SUFFIX = ".safetensors.checkpoint"
 MAX_NAME_PART = 100  # characters per folder/file part of a directions name (+ suffixes stays < 255 bytes)
 MAX_DIRECTIONS = 256
 FLOAT_SETTINGS = ("learning_rate", "temperature", "init_noise")
-
-# (x_t, sigma, context) -> eps, or (x_t, sigma, context, pooled) -> eps when the directions have a pooled part.
-PredictNoise = Callable[..., torch.Tensor]
-# (x_0, noise, sigma [N]) -> x_t in the model's sampling space; None = x_0 + sigma·noise.
-AddNoise = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-# Adam constants (fixed: part of what makes a resumed run equal an uninterrupted one).
-ADAM_BETAS = (0.9, 0.999)
-ADAM_EPS = 1e-8
 
 
 # ------------------------------------------------------------------ settings
 
 
 @dataclass(frozen=True)
-class TrainSettings:
+class TrainSettings(RunSettings):
     """Everything that decides a training run's result (saved in the file, compared on resume)."""
 
+    FLOAT_SETTINGS = FLOAT_SETTINGS
     num_directions: int = 8
     directions_per_iteration: int = 4
     iterations: int = 500
@@ -97,48 +98,28 @@ class TrainSettings:
 
     def validate(self, schedule_length: int | None = None, image_count: int | None = None) -> None:
         """Raise NoiseCLRError naming the first setting out of range."""
-        def bad(msg: str) -> None:
-            raise NoiseCLRError(f"NoiseCLR settings: {msg}")
-
+        problems = []
         if not 2 <= self.num_directions <= MAX_DIRECTIONS:
-            bad(f"num_directions {self.num_directions} must be 2..{MAX_DIRECTIONS} (a contrast needs two directions).")
+            problems.append(f"num_directions {self.num_directions} must be 2..{MAX_DIRECTIONS} (a contrast needs two "
+                            f"directions).")
         if not 2 <= self.directions_per_iteration <= self.num_directions:
-            bad(f"directions_per_iteration {self.directions_per_iteration} must be 2..num_directions ({self.num_directions}).")
+            problems.append(f"directions_per_iteration {self.directions_per_iteration} must be 2..num_directions "
+                            f"({self.num_directions}).")
         if self.batch_size < 2:
-            bad(f"batch_size {self.batch_size} must be at least 2 (positives are the same direction on two images).")
+            problems.append(f"batch_size {self.batch_size} must be at least 2 (positives are the same direction on "
+                            f"two images).")
         if self.iterations < 0:
-            bad(f"iterations {self.iterations} must be >= 0.")
-        for name in FLOAT_SETTINGS:
-            problem = number_problem(getattr(self, name), lo=0.0)
-            if problem is not None:
-                bad(f"{name} {problem}; use a finite number >= 0.")
-        if not self.learning_rate > 0 or not self.temperature > 0:
-            bad("learning_rate and temperature must be > 0.")
-        if not 0 <= self.t_min <= self.t_max:
-            bad(f"timestep range {self.t_min}..{self.t_max} is empty or negative; use 0 <= t_min <= t_max.")
-        if schedule_length is not None and self.t_max >= schedule_length:
-            bad(f"t_max {self.t_max} is past the model's last timestep {schedule_length - 1}.")
+            problems.append(f"iterations {self.iterations} must be >= 0.")
+        problems += self.common_problems(schedule_length)
+        if number_problem(self.temperature, lo=0.0) is None and not self.temperature > 0:
+            problems.append(f"temperature {self.temperature} must be > 0.")
         if self.token_count < 1:
-            bad(f"token_count {self.token_count} must be >= 1.")
-        if self.checkpoint_every < 1:
-            bad(f"checkpoint_every {self.checkpoint_every} must be >= 1.")
+            problems.append(f"token_count {self.token_count} must be >= 1.")
         if image_count is not None and image_count < 2:
-            bad(f"{image_count} training image(s): NoiseCLR needs at least 2 (ideally 20-100 of one domain).")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainSettings:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-    def same_run(self, other: TrainSettings) -> list[str]:
-        """Settings that differ between two runs, except those a resumed run may change
-        (iterations: it can be extended; checkpoint_every: it does not change the result)."""
-        free = {"iterations", "checkpoint_every"}
-        a, b = self.to_dict(), other.to_dict()
-        return [f"{k} {b[k]!r} -> {a[k]!r}" for k in a if k not in free and a[k] != b[k]]
+            problems.append(f"{image_count} training image(s): NoiseCLR needs at least 2 (ideally 20-100 of one "
+                            f"domain).")
+        if problems:
+            raise NoiseCLRError(f"NoiseCLR settings: {problems[0]}")
 
 
 # ------------------------------------------------------------------ the loss
@@ -300,11 +281,8 @@ def load_directions(path: str | Path) -> Directions:
         if not isinstance(family, str):
             raise NoiseCLRError(f"family {family!r} is not a name; the file's metadata is damaged.")
         settings = TrainSettings.from_dict(dict(meta.get("settings") or {}))
-        for name in FLOAT_SETTINGS:
-            problem = number_problem(getattr(settings, name))
-            if problem is not None:
-                raise NoiseCLRError(f"setting {name} {problem}; the file's metadata is damaged. Train the directions "
-                                    "again.")
+        for problem in settings.float_problems():
+            raise NoiseCLRError(f"{problem}; the file's metadata is damaged. Train the directions again.")
         return Directions(
             directions=tensors["directions"].float(),
             empty=tensors["empty"].float(),
@@ -367,13 +345,6 @@ def parse_names(text: str, count: int | None = None) -> dict[int, str]:
     return out
 
 
-def checkpoint_path_for(path: str | Path) -> Path:
-    """Where the resumable checkpoint of directions file ``path`` lives (same folder, ``CHECKPOINT_SUFFIX``)."""
-    p = Path(path)
-    stem = p.name[: -len(".safetensors")] if p.name.endswith(".safetensors") else p.name
-    return p.with_name(stem + CHECKPOINT_SUFFIX)
-
-
 def check_directions_name(name: str) -> str:
     """A directions name without ``.safetensors``, or NoiseCLRError saying why it cannot be a file name."""
     clean = name.strip()
@@ -391,63 +362,11 @@ def check_directions_name(name: str) -> str:
     return clean
 
 
-def data_fingerprint(arrays: Sequence[np.ndarray]) -> str:
-    """A short hash of the training images (uint8 pixels), to refuse resuming on other data."""
-    h = hashlib.sha256()
-    for a in arrays:
-        h.update(str(a.shape).encode())
-        h.update(np.ascontiguousarray(a).tobytes())
-    return h.hexdigest()[:16]
-
-
 # ------------------------------------------------------------------ training
 
 
-def _iteration_generator(seed: int, iteration: int) -> torch.Generator:
-    """Independent, reproducible randomness for one iteration (so resuming needs no RNG state)."""
-    mixed = np.random.SeedSequence([int(seed) & (2**64 - 1), int(iteration) + 1]).generate_state(2, np.uint32)
-    return torch.Generator(device="cpu").manual_seed(int(mixed[0]) << 32 | int(mixed[1]))
-
-
-@dataclass
-class _State:
-    params: torch.Tensor  # [K, T, D] float32
-    m: torch.Tensor
-    v: torch.Tensor
-    steps: torch.Tensor  # [K] int64: Adam steps taken per direction
-    iteration: int
-    losses: list[float]
-    pooled: torch.Tensor | None = None  # [K, P] float32, with its own Adam moments (same step counts)
-    pm: torch.Tensor | None = None
-    pv: torch.Tensor | None = None
-
-
-def _adam_update(state: _State, rows: torch.Tensor, grad: torch.Tensor, lr: float,
-                 pooled_grad: torch.Tensor | None = None) -> None:
-    """Adam on the sampled rows only (directions not sampled this iteration keep state and value)."""
-    state.steps[rows.cpu()] += 1
-    t = state.steps[rows.cpu()].to(torch.float32)
-    _adam_rows(state.params, state.m, state.v, rows, grad, t, lr)
-    if pooled_grad is not None and state.pooled is not None and state.pm is not None and state.pv is not None:
-        _adam_rows(state.pooled, state.pm, state.pv, rows, pooled_grad, t, lr)
-
-
-def _adam_rows(params: torch.Tensor, m_all: torch.Tensor, v_all: torch.Tensor, rows: torch.Tensor,
-               grad: torch.Tensor, t: torch.Tensor, lr: float) -> None:
-    b1, b2 = ADAM_BETAS
-    t = t.to(grad.device).view(-1, *([1] * (grad.dim() - 1)))
-    rows = rows.to(grad.device)
-    m = m_all[rows] * b1 + grad * (1 - b1)
-    v = v_all[rows] * b2 + grad * grad * (1 - b2)
-    m_all[rows] = m
-    v_all[rows] = v
-    m_hat = m / (1 - b1**t)
-    v_hat = v / (1 - b2**t)
-    params[rows] = params[rows] - lr * m_hat / (v_hat.sqrt() + ADAM_EPS)
-
-
 def _init_state(empty: torch.Tensor, s: TrainSettings, device: torch.device,
-                empty_pooled: torch.Tensor | None = None) -> _State:
+                empty_pooled: torch.Tensor | None = None) -> AdamState:
     t0, dim = empty.shape
     if s.token_count > t0:
         raise NoiseCLRError(f"token_count {s.token_count} is more than the empty prompt's {t0} tokens; use <= {t0}.")
@@ -456,39 +375,22 @@ def _init_state(empty: torch.Tensor, s: TrainSettings, device: torch.device,
     scale = float(base.std()) * s.init_noise
     noise = torch.randn((s.num_directions, s.token_count, dim), generator=g) * scale
     params = (base.unsqueeze(0) + noise).to(device)
-    zeros = torch.zeros_like(params)
-    st = _State(params, zeros.clone(), zeros.clone(), torch.zeros(s.num_directions, dtype=torch.int64), 0, [])
+    pooled = None
     if empty_pooled is not None:
         # Drawn after the tokens' noise, so directions without a pooled part start exactly as they always did.
         pbase = empty_pooled.to("cpu", torch.float32)
         pnoise = torch.randn((s.num_directions, pbase.shape[0]), generator=g) * (float(pbase.std()) * s.init_noise)
-        st.pooled = (pbase.unsqueeze(0) + pnoise).to(device)
-        st.pm, st.pv = torch.zeros_like(st.pooled), torch.zeros_like(st.pooled)
-    return st
+        pooled = (pbase.unsqueeze(0) + pnoise).to(device)
+    return AdamState.fresh(params, pooled)
 
 
-def _save_checkpoint(path: Path, st: _State, template: Directions) -> None:
+def _save_checkpoint(path: Path, st: AdamState, template: Directions) -> Path:
     d = dataclasses.replace(template, directions=st.params, pooled=st.pooled, iterations_done=st.iteration,
                             loss_history=list(st.losses))
-    extra = {"adam_m": st.m, "adam_v": st.v, "adam_steps": st.steps}
-    if st.pm is not None and st.pv is not None:
-        extra.update({"adam_pooled_m": st.pm, "adam_pooled_v": st.pv})
-    save_directions(path, d, kind="checkpoint", extra_tensors=extra)
+    return save_directions(path, d, kind="checkpoint", extra_tensors=st.tensors())
 
 
-@contextlib.contextmanager
-def _checkpoint_on_stop(path: Path | None, st: _State, template: Directions) -> Iterator[None]:
-    """Around a host callback (check_cancel, progress): if it raises, checkpoint the finished iterations first."""
-    try:
-        yield
-    except BaseException:
-        if path is not None:
-            _save_checkpoint(path, st, template)
-            log.info("NoiseCLR: stopped after iteration %d; checkpoint %s", st.iteration, path)
-        raise
-
-
-def _load_checkpoint(path: Path, template: Directions, device: torch.device) -> _State:
+def _load_checkpoint(path: Path, template: Directions, device: torch.device) -> AdamState:
     tensors, _ = _read(path)
     got = load_directions(path)
     diffs = template.settings.same_run(got.settings)
@@ -514,24 +416,17 @@ def _load_checkpoint(path: Path, template: Directions, device: torch.device) -> 
     if got.pooled_dim != template.pooled_dim:
         raise NoiseCLRError(f"checkpoint {path} has a pooled part {got.pooled_dim} wide, this run needs "
                             f"{template.pooled_dim}; turn resume off to start over.")
-    adam = ["adam_m", "adam_v", "adam_steps"] + (["adam_pooled_m", "adam_pooled_v"] if template.pooled_dim else [])
-    for name in adam:
-        if name not in tensors:
-            raise NoiseCLRError(f"{path} has no optimiser state ({name}); it is a finished directions file, not a "
-                                f"checkpoint. Turn resume off to start over.")
-    st = _State(got.directions.to(device), tensors["adam_m"].float().to(device), tensors["adam_v"].float().to(device),
-                tensors["adam_steps"].to(torch.int64), got.iterations_done, list(got.loss_history))
-    if got.pooled is not None:
-        st.pooled = got.pooled.to(device)
-        st.pm = tensors["adam_pooled_m"].float().to(device)
-        st.pv = tensors["adam_pooled_v"].float().to(device)
-    return st
+    name = AdamState.missing(tensors, pooled=bool(template.pooled_dim))
+    if name is not None:
+        raise NoiseCLRError(f"{path} has no optimiser state ({name}); it is a finished directions file, not a "
+                            f"checkpoint. Turn resume off to start over.")
+    return AdamState.restore(got.directions, tensors, got.iterations_done, got.loss_history, device, got.pooled)
 
 
 def _batch(s: TrainSettings, it: int, latents: torch.Tensor, sigma_table: torch.Tensor, k_all: int, n: int,
            k: int, add_noise: AddNoise | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Iteration ``it``'s sampled direction rows, noised images x_t and their sigmas."""
-    g = _iteration_generator(s.seed, it)
+    g = iteration_generator(s.seed, it)
     img = torch.randperm(latents.shape[0], generator=g)[:n]
     rows = torch.randperm(k_all, generator=g)[:k].sort().values
     t = torch.randint(s.t_min, s.t_max + 1, (n,), generator=g)
@@ -661,27 +556,22 @@ def train_directions(
                           empty_pooled=ep.cpu() if ep is not None else None, family=family)
     ckpt = Path(checkpoint_path) if checkpoint_path is not None else None
 
-    st: _State | None = None
+    st: AdamState | None = None
     if ckpt is not None and resume and ckpt.is_file():
         st = _load_checkpoint(ckpt, template, dev)
         log.info("NoiseCLR: resuming %s at iteration %d of %d", ckpt, st.iteration, s.iterations)
     if st is None:
         st = _init_state(empty, s, dev, ep)
 
-    m_images = latents.shape[0]
-    n = min(s.batch_size, m_images)
+    n = min(s.batch_size, latents.shape[0])
     k = s.directions_per_iteration
-    total = s.iterations
-    progress(min(st.iteration, total), total, _loss_message(st.losses[-1]) if st.losses else "")
+    state = st
 
-    while st.iteration < total:
-        it = st.iteration
-        with _checkpoint_on_stop(ckpt, st, template):
-            check_cancel()
+    def step(it: int) -> float:
         rows, x_t, sigma = _batch(s, it, latents, sigma_table, k_all, n, k, add_noise)
         eps0 = _eps_empty(predict_noise, x_t, sigma, empty, ep)
-        ctx = st.params[rows].clone().requires_grad_(True)  # [k, T, D]
-        pooled = st.pooled[rows].clone().requires_grad_(True) if st.pooled is not None else None  # [k, P]
+        ctx = state.params[rows].clone().requires_grad_(True)  # [k, T, D]
+        pooled = state.pooled[rows].clone().requires_grad_(True) if state.pooled is not None else None  # [k, P]
         delta = _deltas(predict_noise, x_t, sigma, ctx, eps0, pooled)
         loss = contrastive_loss(delta, s.temperature)
         if pooled is None:
@@ -690,27 +580,18 @@ def train_directions(
         else:
             grad, pooled_grad = torch.autograd.grad(loss, (ctx, pooled))
         with torch.no_grad():
-            _adam_update(st, rows, grad.detach(), s.learning_rate,
-                         pooled_grad.detach() if pooled_grad is not None else None)
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise NoiseCLRError(f"NoiseCLR: the loss became {value} at iteration {it}; lower the learning rate "
-                                f"(now {s.learning_rate}) or raise the temperature (now {s.temperature}).")
-        st.losses.append(value)
-        st.iteration = it + 1
-        if ckpt is not None and (st.iteration % s.checkpoint_every == 0 or st.iteration == total):
-            _save_checkpoint(ckpt, st, template)
-        with _checkpoint_on_stop(ckpt, st, template):  # a progress hook may raise too (ComfyUI's interrupt)
-            progress(st.iteration, total, _loss_message(value))
+            adam_update(state, rows, grad.detach(), s.learning_rate,
+                        pooled_grad.detach() if pooled_grad is not None else None)
+        return float(loss.detach())
 
+    save = functools.partial(_save_checkpoint, ckpt, state, template) if ckpt is not None else None
+    run_iterations(state, s.iterations, step, checkpoint_every=s.checkpoint_every, save=save, progress=progress,
+                   check_cancel=check_cancel, label="NoiseCLR", error=NoiseCLRError,
+                   advice=f"lower the learning rate (now {s.learning_rate}) or raise the temperature (now "
+                          f"{s.temperature}).")
     return dataclasses.replace(template, directions=st.params.detach().cpu(),
                                pooled=st.pooled.detach().cpu() if st.pooled is not None else None,
                                iterations_done=st.iteration, loss_history=list(st.losses))
-
-
-def _loss_message(loss: float) -> str:
-    """The progress message of an iteration (kept in this one place: hosts show it as is)."""
-    return f"loss {loss:.4f}"
 
 
 def loss_summary(losses: Sequence[float], window: int = 10) -> str:

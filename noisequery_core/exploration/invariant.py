@@ -14,8 +14,8 @@ from the injected ``predict_noise`` (the same callable NoiseCLR trains with) it 
 term is mean ‖σ·(ε̂ − n)‖². Weighting by σ² favours high noise levels, where colour and layout are decided,
 which is what should stop depending on the seed.
 
-The machinery is NoiseCLR's (noisequery_core/directions/noiseclr.py): per-iteration randomness from its
-(seed, iteration) generator and its Adam, whose state is checkpointed, so a resumed run is bit for bit the
+The machinery is the one NoiseCLR trains with (noisequery_core/training.py): per-iteration randomness from a
+(seed, iteration) generator and a plain Adam, whose state is checkpointed, so a resumed run is bit for bit the
 run that was never interrupted (same device). Gradients reach the tokens only.
 
 File: safetensors with ``tokens`` [T, D] (the tuned conditioning) and ``original`` [T, D] (the prompt's),
@@ -26,12 +26,11 @@ hash, settings, seeds, loss history, held-out loss). A checkpoint is the same pl
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime as _dt
+import functools
 import logging
-import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,18 +38,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..checks import number_problem
-from ..directions.noiseclr import (
-    PredictNoise,
-    _adam_update,
-    _iteration_generator,
-    _State,
-    checkpoint_path_for,
-)
 from ..errors import NoiseQueryError
 from ..imaging import loss_curve_picture
 from ..noise import batch_noise
 from ..tagged_file import TaggedFormat, read_tagged, write_tagged
+from ..training import (
+    AdamState,
+    PredictNoise,
+    RunSettings,
+    adam_update,
+    checkpoint_path_for,
+    iteration_generator,
+    run_iterations,
+)
 from ..work import CheckCancel, Progress, never_cancel, no_progress
 
 log = logging.getLogger("noisequery")
@@ -76,9 +76,10 @@ class SeedInvariantError(NoiseQueryError):
 
 
 @dataclass(frozen=True)
-class InvariantSettings:
+class InvariantSettings(RunSettings):
     """Everything that decides a run's result (saved in the file, compared on resume)."""
 
+    FLOAT_SETTINGS = FLOAT_SETTINGS
     iterations: int = 200
     batch_size: int = 4  # noises (seeds) per iteration
     learning_rate: float = 5e-3
@@ -90,39 +91,14 @@ class InvariantSettings:
 
     def validate(self, schedule_length: int | None = None) -> None:
         """Raise SeedInvariantError naming the first setting out of range."""
-        def bad(msg: str) -> None:
-            raise SeedInvariantError(f"Seed-invariant prompt settings: {msg}")
-
+        problems = []
         if self.iterations < 1:
-            bad(f"iterations {self.iterations} must be >= 1 (0 would return the prompt unchanged).")
+            problems.append(f"iterations {self.iterations} must be >= 1 (0 would return the prompt unchanged).")
         if self.batch_size < 1:
-            bad(f"batch_size {self.batch_size} must be >= 1 (noises per iteration).")
-        for name in FLOAT_SETTINGS:
-            problem = number_problem(getattr(self, name), lo=0.0)
-            if problem is not None:
-                bad(f"{name} {problem}; use a finite number >= 0.")
-        if not self.learning_rate > 0:
-            bad(f"learning_rate {self.learning_rate} must be > 0.")
-        if not 0 <= self.t_min <= self.t_max:
-            bad(f"timestep range {self.t_min}..{self.t_max} is empty or negative; use 0 <= t_min <= t_max.")
-        if schedule_length is not None and self.t_max >= schedule_length:
-            bad(f"t_max {self.t_max} is past the model's last timestep {schedule_length - 1}.")
-        if self.checkpoint_every < 1:
-            bad(f"checkpoint_every {self.checkpoint_every} must be >= 1.")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> InvariantSettings:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-    def same_run(self, other: InvariantSettings) -> list[str]:
-        """Settings that differ, except those a resumed run may change (iterations: extended; checkpoint_every)."""
-        free = {"iterations", "checkpoint_every"}
-        a, b = self.to_dict(), other.to_dict()
-        return [f"{k} {b[k]!r} -> {a[k]!r}" for k in a if k not in free and a[k] != b[k]]
+            problems.append(f"batch_size {self.batch_size} must be >= 1 (noises per iteration).")
+        problems += self.common_problems(schedule_length)
+        if problems:
+            raise SeedInvariantError(f"Seed-invariant prompt settings: {problems[0]}")
 
 
 # ------------------------------------------------------------------ the embedding and its file
@@ -206,10 +182,8 @@ def load_embedding(path: str | Path) -> Embedding:
     tensors, meta = _read(path)
     try:
         settings = InvariantSettings.from_dict(dict(meta.get("settings") or {}))
-        for name in FLOAT_SETTINGS:
-            problem = number_problem(getattr(settings, name))
-            if problem is not None:
-                raise SeedInvariantError(f"setting {name} {problem}; the file's metadata is damaged.")
+        for problem in settings.float_problems():
+            raise SeedInvariantError(f"{problem}; the file's metadata is damaged.")
         return Embedding(
             tokens=tensors["tokens"].float(), original=tensors["original"].float(),
             base_model=dict(meta.get("base_model") or {}), prompt=dict(meta.get("prompt") or {}),
@@ -273,7 +247,7 @@ def denoising_loss(predict_noise: PredictNoise, x0: torch.Tensor, noise: torch.T
 def _batch(s: InvariantSettings, it: int, latents: torch.Tensor, sigma_table: torch.Tensor
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Iteration ``it``'s images, noises and sigmas (its own generator: resuming needs no RNG state)."""
-    g = _iteration_generator(s.seed, it)
+    g = iteration_generator(s.seed, it)
     img = torch.randint(0, latents.shape[0], (s.batch_size,), generator=g)
     t = torch.randint(s.t_min, s.t_max + 1, (s.batch_size,), generator=g)
     noise = torch.randn((s.batch_size, *latents.shape[1:]), generator=g).to(latents.device)
@@ -310,21 +284,9 @@ def held_out_loss(latents: torch.Tensor, tokens: torch.Tensor, predict_noise: Pr
 # ------------------------------------------------------------------ optimisation
 
 
-def _save_checkpoint(path: Path, st: _State, template: Embedding) -> None:
+def _save_checkpoint(path: Path, st: AdamState, template: Embedding) -> Path:
     e = dataclasses.replace(template, tokens=st.params[0], iterations_done=st.iteration, loss_history=list(st.losses))
-    save_embedding(path, e, kind="checkpoint", extra_tensors={"adam_m": st.m, "adam_v": st.v, "adam_steps": st.steps})
-
-
-@contextlib.contextmanager
-def _checkpoint_on_stop(path: Path | None, st: _State, template: Embedding) -> Iterator[None]:
-    """Around a host callback (check_cancel, progress): if it raises, checkpoint the finished iterations first."""
-    try:
-        yield
-    except BaseException:
-        if path is not None:
-            _save_checkpoint(path, st, template)
-            log.info("seed-invariant prompt: stopped after iteration %d; checkpoint %s", st.iteration, path)
-        raise
+    return save_embedding(path, e, kind="checkpoint", extra_tensors=st.tensors())
 
 
 def same_origin(template: Embedding, got: Embedding) -> list[str]:
@@ -340,20 +302,18 @@ def same_origin(template: Embedding, got: Embedding) -> list[str]:
     return out
 
 
-def _load_checkpoint(path: Path, template: Embedding, device: torch.device) -> _State:
+def _load_checkpoint(path: Path, template: Embedding, device: torch.device) -> AdamState:
     tensors, _ = _read(path)
     got = load_embedding(path)
     diffs = same_origin(template, got)
     if diffs:
         raise SeedInvariantError(f"checkpoint {path} belongs to another run: other {', '.join(diffs)}. Put them back, "
                                  f"save under another name, or turn resume off to start over.")
-    for name in ("adam_m", "adam_v", "adam_steps"):
-        if name not in tensors:
-            raise SeedInvariantError(f"{path} has no optimiser state ({name}); it is not a checkpoint. Turn resume off "
-                                     "to start over.")
-    return _State(got.tokens.unsqueeze(0).to(device), tensors["adam_m"].float().to(device),
-                  tensors["adam_v"].float().to(device), tensors["adam_steps"].to(torch.int64), got.iterations_done,
-                  list(got.loss_history))
+    name = AdamState.missing(tensors, pooled=False)
+    if name is not None:
+        raise SeedInvariantError(f"{path} has no optimiser state ({name}); it is not a checkpoint. Turn resume off "
+                                 "to start over.")
+    return AdamState.restore(got.tokens.unsqueeze(0), tensors, got.iterations_done, got.loss_history, device)
 
 
 def optimise_prompt(
@@ -411,39 +371,31 @@ def optimise_prompt(
                          created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     ckpt = Path(checkpoint_path) if checkpoint_path is not None else None
 
-    st: _State | None = None
+    st: AdamState | None = None
     if ckpt is not None and resume and ckpt.is_file():
         st = _load_checkpoint(ckpt, template, dev)
         log.info("seed-invariant prompt: resuming %s at iteration %d of %d", ckpt, st.iteration, s.iterations)
     if st is None:
-        zeros = torch.zeros_like(original).unsqueeze(0)
-        st = _State(original.clone().unsqueeze(0), zeros.clone(), zeros.clone(), torch.zeros(1, dtype=torch.int64), 0, [])
+        st = AdamState.fresh(original.clone().unsqueeze(0))
 
-    total = s.iterations
-    rows = torch.zeros(1, dtype=torch.int64)  # NoiseCLR's Adam updates rows of [K, T, D]; here K = 1
-    progress(min(st.iteration, total), total, f"loss {st.losses[-1]:.4f}" if st.losses else "")
-    while st.iteration < total:
-        it = st.iteration
-        with _checkpoint_on_stop(ckpt, st, template):
-            check_cancel()
+    rows = torch.zeros(1, dtype=torch.int64)  # Adam updates rows of [K, T, D]; here K = 1
+    state = st
+
+    def step(it: int) -> float:
         x0, noise, sigma = _batch(s, it, latents, sigma_table)
-        ctx = st.params.clone().requires_grad_(True)  # [1, T, D]: the only tensor that gets a gradient
+        ctx = state.params.clone().requires_grad_(True)  # [1, T, D]: the only tensor that gets a gradient
         loss = denoising_loss(predict_noise, x0, noise, sigma, ctx.expand(s.batch_size, -1, -1))
         if s.prompt_weight:
             loss = loss + s.prompt_weight * ((ctx[0] - original) ** 2).mean()
         (grad,) = torch.autograd.grad(loss, ctx)
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise SeedInvariantError(f"seed-invariant prompt: the loss became {value} at iteration {it}; lower the "
-                                     f"learning rate (now {s.learning_rate}).")
         with torch.no_grad():
-            _adam_update(st, rows, grad.detach(), s.learning_rate)
-        st.losses.append(value)
-        st.iteration = it + 1
-        if ckpt is not None and (st.iteration % s.checkpoint_every == 0 or st.iteration == total):
-            _save_checkpoint(ckpt, st, template)
-        with _checkpoint_on_stop(ckpt, st, template):  # a progress hook may raise too (ComfyUI's interrupt)
-            progress(st.iteration, total, f"loss {value:.4f}")
+            adam_update(state, rows, grad.detach(), s.learning_rate)
+        return float(loss.detach())
+
+    save = functools.partial(_save_checkpoint, ckpt, state, template) if ckpt is not None else None
+    run_iterations(state, s.iterations, step, checkpoint_every=s.checkpoint_every, save=save, progress=progress,
+                   check_cancel=check_cancel, label="seed-invariant prompt", error=SeedInvariantError,
+                   advice=f"lower the learning rate (now {s.learning_rate}).")
 
     tuned = st.params[0].detach()
     steps = held_out_timesteps(s)
@@ -456,7 +408,8 @@ def optimise_prompt(
 
 
 def checkpoint_for(path: str | Path) -> Path:
-    """Where the resumable checkpoint of embedding file ``path`` lives (NoiseCLR's naming: never listed)."""
+    """Where the resumable checkpoint of embedding file ``path`` lives (``<name>.safetensors.checkpoint``: never
+    listed)."""
     return checkpoint_path_for(path)
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import comfy_harness
 import nq_graphs as G
+import nq_training as T
 import pytest
 from comfy_harness import ComfyServer, InProcessRunner
 
@@ -52,33 +53,6 @@ def loader_node(name: str) -> dict[str, Any]:
     return {"class_type": "NoiseQueryLoadInvariantPrompt", "inputs": {"model": [G.CKPT, 0], "embedding": name}}
 
 
-def _ok(entry: dict[str, Any]) -> dict[str, Any]:
-    assert "error" not in entry, f"graph refused: {json.dumps(entry)[:3000]}"
-    err = comfy_harness.execution_error(entry)
-    assert err is None, f"{err['node_type']} failed: {err.get('exception_message')}"
-    return entry
-
-
-def _error(entry: dict[str, Any]) -> str:
-    assert "error" not in entry, f"refused at validation instead of failing at run time: {entry}"
-    err = comfy_harness.execution_error(entry)
-    assert err is not None, "the graph should have failed"
-    return str(err["exception_message"])
-
-
-def _refused(entry: dict[str, Any]) -> str:
-    assert "error" in entry, f"the graph should have been refused at validation: {json.dumps(entry)[:2000]}"
-    return json.dumps(entry["node_errors"])
-
-
-def _mod(comfy_nodes: ModuleType) -> ModuleType:
-    return G.pack_module(comfy_nodes, "nodes.exploration_invariant_nodes")
-
-
-def _core(comfy_nodes: ModuleType) -> ModuleType:
-    return G.pack_module(comfy_nodes, "noisequery_core.exploration.invariant")
-
-
 @pytest.fixture(scope="module")
 def emb_dir(comfy_nodes: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The in-process ComfyUI's noisequery_embeddings folder (first in its list; the pack registered the default)."""
@@ -90,23 +64,23 @@ def tuned(comfy_runner: InProcessRunner, comfy_nodes: ModuleType, tiny_ckpt_name
     """Tune 'inproc/main' once: render the liked image first (loads the model), snapshot the UNet, then the run."""
     import torch
 
-    _ok(comfy_runner.run(graph(tiny_ckpt_name)))
+    T.ok(comfy_runner.run(graph(tiny_ckpt_name)))
     model = comfy_runner.node_outputs(G.CKPT)[0]
-    before = {k: v.detach().clone() for k, v in model.model.diffusion_model.state_dict().items()}
-    entry = _ok(comfy_runner.run(graph(tiny_ckpt_name, invariant_node("inproc/main"))))
+    before = T.weights(model)
+    entry = T.ok(comfy_runner.run(graph(tiny_ckpt_name, invariant_node("inproc/main"))))
     assert comfy_runner.node_outputs(G.CKPT)[0] is model, "the checkpoint loader should have been served from cache"
-    after = model.model.diffusion_model.state_dict()
+    changed = T.changed_weights(before, model)
     outs = comfy_runner.node_outputs(NODE)
     liked = comfy_runner.node_outputs("42")[0]
     cond = comfy_runner.node_outputs(G.POS)[0]
     vae = comfy_runner.node_outputs(G.CKPT)[2]
-    return {"model": model, "before": before, "after": after, "entry": entry, "outs": outs, "liked": liked,
+    return {"model": model, "changed": changed, "entry": entry, "outs": outs, "liked": liked,
             "cond": cond, "vae": vae, "path": emb_dir / "inproc" / "main.safetensors", "torch": torch}
 
 
 def test_held_out_loss_drops_and_model_is_unchanged(tuned: dict[str, Any], comfy_nodes: ModuleType) -> None:
     torch = tuned["torch"]
-    mod, core = _mod(comfy_nodes), _core(comfy_nodes)
+    mod, core = T.invariant_nodes(comfy_nodes), T.invariant_core(comfy_nodes)
     e = core.load_embedding(tuned["path"])
     assert e.iterations_done == ITERS and len(e.loss_history) == ITERS and e.tokens.shape == (77, 768)
     assert e.base_model["model_class"] == "SD15" and e.base_model["name"] == "tiny_sd15.safetensors"
@@ -124,17 +98,14 @@ def test_held_out_loss_drops_and_model_is_unchanged(tuned: dict[str, Any], comfy
         after = core.held_out_loss(lat, e.tokens, predict, sigmas, seeds, steps)
     assert after < 0.97 * before, f"held-out loss did not drop: {before:.4f} -> {after:.4f}"
     # the frozen model: every UNet tensor bit-identical after the run
-    b, a = tuned["before"], tuned["after"]
-    assert b.keys() == a.keys()
-    changed = [k for k in b if not torch.equal(b[k], a[k])]
-    assert not changed, f"the optimisation changed the model: {changed[:5]}"
+    assert not tuned["changed"], f"the optimisation changed the model: {tuned['changed'][:5]}"
 
 
 def test_outputs_and_loader_round_trip(tuned: dict[str, Any], comfy_runner: InProcessRunner, comfy_nodes: ModuleType,
                                        tiny_ckpt_name: str) -> None:
     torch = tuned["torch"]
     cond, name, curve, report = tuned["outs"]
-    e = _core(comfy_nodes).load_embedding(tuned["path"])
+    e = T.invariant_core(comfy_nodes).load_embedding(tuned["path"])
     assert name == "inproc/main.safetensors"
     assert len(cond) == 1 and torch.equal(cond[0][0][0], e.tokens)
     assert not torch.equal(cond[0][0], tuned["cond"][0][0])  # tuned, not the prompt
@@ -144,14 +115,14 @@ def test_outputs_and_loader_round_trip(tuned: dict[str, Any], comfy_runner: InPr
 
     g = G.base(tiny_ckpt_name)
     g["20"] = loader_node(name)
-    _ok(comfy_runner.run(g))
+    T.ok(comfy_runner.run(g))
     loaded, text = comfy_runner.node_outputs("20")
     assert torch.equal(loaded[0][0], cond[0][0]) and PROMPT in text
 
 
 def test_finished_run_is_not_rerun(tuned: dict[str, Any], comfy_runner: InProcessRunner, tiny_ckpt_name: str) -> None:
     mtime = tuned["path"].stat().st_mtime_ns
-    _ok(comfy_runner.run(graph(tiny_ckpt_name, invariant_node("inproc/main"), node_id="11")))  # not a cache hit
+    T.ok(comfy_runner.run(graph(tiny_ckpt_name, invariant_node("inproc/main"), node_id="11")))  # not a cache hit
     assert "already made" in comfy_runner.node_outputs("11")[3]
     assert tuned["path"].stat().st_mtime_ns == mtime
 
@@ -159,35 +130,21 @@ def test_finished_run_is_not_rerun(tuned: dict[str, Any], comfy_runner: InProces
 def test_interrupted_run_resumes_to_the_uninterrupted_result(tuned: dict[str, Any], comfy_runner: InProcessRunner,
                                                              comfy_nodes: ModuleType, tiny_ckpt_name: str,
                                                              emb_dir: Path) -> None:
-    import comfy.model_management
-
     torch = tuned["torch"]
-    core, mod = _core(comfy_nodes), _mod(comfy_nodes)
+    core, mod = T.invariant_core(comfy_nodes), T.invariant_nodes(comfy_nodes)
     iters = 6
-    _ok(comfy_runner.run(graph(tiny_ckpt_name, invariant_node("inproc/full", iterations=iters))))
+    T.ok(comfy_runner.run(graph(tiny_ckpt_name, invariant_node("inproc/full", iterations=iters))))
     full = core.load_embedding(emb_dir / "inproc" / "full.safetensors")
 
-    # Interrupt as ComfyUI's Cancel button does, before iteration 3 (checkpoint_every is 4: the stop itself saves).
-    real = mod._host.raise_if_interrupted
-    count = {"n": 0}
-
-    def interrupt_at_3() -> None:
-        count["n"] += 1
-        if count["n"] == 4:
-            comfy.model_management.interrupt_current_processing(True)
-        real()
-
-    mod._host.raise_if_interrupted = interrupt_at_3
-    try:
+    # Interrupt before iteration 3 (checkpoint_every is 4: the stop itself saves).
+    with T.interrupt_at_check(mod, 4):
         entry = comfy_runner.run(graph(tiny_ckpt_name, invariant_node("inproc/cut", iterations=iters)))
-    finally:
-        mod._host.raise_if_interrupted = real
     assert comfy_harness.execution_error(entry)["event"] == "execution_interrupted"
     ckpt = emb_dir / "inproc" / "cut.safetensors.checkpoint"
     assert core.load_embedding(ckpt).iterations_done == 3
     assert not (emb_dir / "inproc" / "cut.safetensors").exists()
 
-    _ok(comfy_runner.run(graph(tiny_ckpt_name, invariant_node("inproc/cut", iterations=iters))))  # resumes at 3
+    T.ok(comfy_runner.run(graph(tiny_ckpt_name, invariant_node("inproc/cut", iterations=iters))))  # resumes at 3
     cut = core.load_embedding(emb_dir / "inproc" / "cut.safetensors")
     assert torch.equal(cut.tokens, full.tokens)
     assert cut.loss_history == full.loss_history and cut.held_out == full.held_out
@@ -195,7 +152,7 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(tuned: dict[str, An
     # other settings refuse the checkpoint, with a way out
     entry = comfy_runner.run(graph(tiny_ckpt_name, invariant_node("inproc/cut", iterations=iters + 2,
                                                                   learning_rate=0.01)))
-    assert "resume off" in _error(entry)
+    assert "resume off" in T.run_error(entry)
 
 
 @pytest.mark.parametrize("override, words", [
@@ -210,7 +167,7 @@ def test_bad_inputs_refused_at_queue_time(override: dict[str, Any], words: list[
                                           tiny_ckpt_name: str, emb_dir: Path) -> None:
     node = invariant_node("inproc/bad")
     node["inputs"].update(override)
-    text = _refused(comfy_runner.run(graph(tiny_ckpt_name, node)))
+    text = T.refused(comfy_runner.run(graph(tiny_ckpt_name, node)))
     for w in words:
         assert w in text, text
     assert not (emb_dir / "inproc" / "bad.safetensors").exists()
@@ -219,19 +176,19 @@ def test_bad_inputs_refused_at_queue_time(override: dict[str, Any], words: list[
 def test_other_models_file_and_paths_outside_refused(tuned: dict[str, Any], comfy_runner: InProcessRunner,
                                                      comfy_nodes: ModuleType, tiny_ckpt_name: str, emb_dir: Path,
                                                      tmp_path: Path) -> None:
-    core, mod = _core(comfy_nodes), _mod(comfy_nodes)
+    core, mod = T.invariant_core(comfy_nodes), T.invariant_nodes(comfy_nodes)
     e = core.load_embedding(tuned["path"])
     e.base_model["fingerprint"] = "0123456789abcdef"
     e.base_model["name"] = "other.safetensors"
     core.save_embedding(emb_dir / "inproc" / "other_model.safetensors", e)
     g = G.base(tiny_ckpt_name)
     g["20"] = loader_node("inproc/other_model.safetensors")
-    msg = _error(comfy_runner.run(g))
+    msg = T.run_error(comfy_runner.run(g))
     assert "was made on another model" in msg and "0123456789abcdef" in msg and "make a new embedding" in msg
 
     # a name outside the folder is not in the list ComfyUI validates against, and the resolver refuses it too
     g["20"] = loader_node("../../outside.safetensors")
-    assert "outside.safetensors" in _refused(comfy_runner.run(g))
+    assert "outside.safetensors" in T.refused(comfy_runner.run(g))
     with pytest.raises(core.SeedInvariantError, match="not found"):
         mod.embedding_path("../../outside.safetensors")
     # a link inside the folder that points out of it is listed by ComfyUI but never read
@@ -245,7 +202,7 @@ def test_other_models_file_and_paths_outside_refused(tuned: dict[str, Any], comf
 
     save_file({"w": tuned["torch"].zeros(2)}, str(emb_dir / "inproc" / "lora.safetensors"))
     g["20"] = loader_node("inproc/lora.safetensors")
-    assert "without NoiseQuery embedding metadata" in _error(comfy_runner.run(g))
+    assert "without NoiseQuery embedding metadata" in T.run_error(comfy_runner.run(g))
 
 
 # --------------------------------------------------------------------------------------------- POST /prompt
@@ -289,7 +246,7 @@ def test_post_prompt_runs_the_example_and_resumes_after_interrupt(inv_server: An
             assert spec[1].get("tooltip", "").strip(), f"{name}: no tooltip"
 
     # the example, shrunk: liked render -> seed-invariant prompt -> a batch of seeds
-    entry = _ok(server.run(_example(tiny_ckpt_name, "server/example", 2), timeout=600))
+    entry = T.ok(server.run(_example(tiny_ckpt_name, "server/example", 2), timeout=600))
     assert (emb / "server" / "example.safetensors").is_file()
     assert len(comfy_harness.output_images(entry)) >= 4
 
@@ -323,8 +280,8 @@ def test_post_prompt_runs_the_example_and_resumes_after_interrupt(inv_server: An
     err = comfy_harness.execution_error(first)
     assert err is not None and err["event"] == "execution_interrupted", "the run finished before the interrupt"
     assert not cut.exists()
-    _ok(server.run(_example(tiny_ckpt_name, "server/cut", iters), timeout=600))
-    _ok(server.run(_example(tiny_ckpt_name, "server/full", iters), timeout=600))
+    T.ok(server.run(_example(tiny_ckpt_name, "server/cut", iters), timeout=600))
+    T.ok(server.run(_example(tiny_ckpt_name, "server/full", iters), timeout=600))
     from safetensors.torch import load_file
 
     a, b = load_file(str(cut)), load_file(str(emb / "server" / "full.safetensors"))

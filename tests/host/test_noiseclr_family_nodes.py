@@ -22,6 +22,7 @@ from typing import Any
 import comfy_harness
 import family_models as FM
 import nq_graphs as G
+import nq_training as T
 import pytest
 import torch
 from comfy_harness import ComfyServer, InProcessRunner
@@ -35,28 +36,6 @@ TOKENS = 8
 # (token width, pooled width) of each family's conditioning
 WIDTHS = {"sdxl": (2048, 1280), "sd3": (4096, 2048), "flux": (4096, 768)}
 LABELS = {"sd": "SD1.x/SD2.x", "sdxl": "SDXL", "sd3": "SD3/SD3.5", "flux": "Flux.1"}
-
-
-def _ok(entry: dict[str, Any]) -> dict[str, Any]:
-    assert "error" not in entry, f"graph refused: {entry}"
-    err = comfy_harness.execution_error(entry)
-    assert err is None, f"{err['node_type']} failed: {err.get('exception_message')}"
-    return entry
-
-
-def _error(entry: dict[str, Any]) -> str:
-    assert "error" not in entry, f"refused at validation instead of failing at run time: {entry}"
-    err = comfy_harness.execution_error(entry)
-    assert err is not None, "the graph should have failed"
-    return str(err["exception_message"])
-
-
-def _core(comfy_nodes: ModuleType) -> ModuleType:
-    return G.pack_module(comfy_nodes, "noisequery_core.directions.noiseclr")
-
-
-def _mod(comfy_nodes: ModuleType) -> ModuleType:
-    return G.pack_module(comfy_nodes, "nodes.directions_runtime")
 
 
 def _train(name: str, **overrides: Any) -> dict[str, Any]:
@@ -82,14 +61,14 @@ def trained(request: pytest.FixtureRequest, tiny_family_factory: Any, comfy_runn
     fam: FM.TinyFamily = tiny_family_factory(request.param)
     graph = FM.family_base(fam.spec, fam.ckpt_name)
     graph["10"] = _train(f"fam/{fam.family}_zero", iterations=0)
-    _ok(comfy_runner.run(graph))
+    T.ok(comfy_runner.run(graph))
     model = comfy_runner.node_outputs(FM.CKPT)[0]
-    before = {k: v.detach().clone() for k, v in model.model.diffusion_model.state_dict().items()}
+    before = T.weights(model)
     graph["10"] = _train(f"fam/{fam.family}")
-    _ok(comfy_runner.run(graph))
+    T.ok(comfy_runner.run(graph))
     assert comfy_runner.node_outputs(FM.CKPT)[0] is model, "the checkpoint loader should have been served from cache"
-    core = _core(comfy_nodes)
-    return {"fam": fam, "model": model, "before": before, "after": model.model.diffusion_model.state_dict(),
+    core = T.noiseclr_core(comfy_nodes)
+    return {"fam": fam, "model": model, "changed": T.changed_weights(before, model),
             "report": comfy_runner.node_outputs("10")[2],
             "init": core.load_directions(nq_noiseclr_dir / f"fam/{fam.family}_zero.safetensors"),
             "final": core.load_directions(nq_noiseclr_dir / f"fam/{fam.family}.safetensors")}
@@ -113,9 +92,7 @@ def test_training_moves_tokens_and_pooled_part_and_leaves_the_model_alone(traine
     assert int((moved_tokens > 0).sum()) >= 2 and int((moved_pooled > 0).sum()) >= 2, (moved_tokens, moved_pooled)
     assert torch.equal(moved_tokens > 0, moved_pooled > 0), "a direction is trained as a whole"
     # the frozen model: every tensor bit-identical after training
-    before, after = trained["before"], trained["after"]
-    changed = [k for k in before if not torch.equal(before[k], after[k])]
-    assert before.keys() == after.keys() and not changed, f"training changed the model: {changed[:5]}"
+    assert not trained["changed"], f"training changed the model: {trained['changed'][:5]}"
     assert f"+ a pooled part of {pooled} ({LABELS[fam.family]})" in trained["report"]
     if fam.family == "flux":
         assert final.base_model["guidance"] == 3.5  # what Flux-dev was conditioned on while training
@@ -133,7 +110,7 @@ def _sample(runner: InProcessRunner, fam: FM.TinyFamily, directions: str | None,
         model = ["30", 0]
     graph.update(G.ksampler_image("4", 5, steps=1, cfg=1.0, sampler=spec.sampler, scheduler=spec.scheduler,
                                   negative=FM.NEG, model=model, size=64))
-    _ok(runner.run(graph))
+    T.ok(runner.run(graph))
     return runner.node_outputs("41")[0]["samples"].clone()
 
 
@@ -153,7 +130,7 @@ def test_the_pooled_part_reaches_the_model(trained: dict[str, Any], comfy_runner
                                           comfy_nodes: ModuleType, nq_noiseclr_dir: Path) -> None:
     """The same tokens with the pooled part set back to ∅'s sample differently: the pooled part is applied."""
     fam, final = trained["fam"], trained["final"]
-    core = _core(comfy_nodes)
+    core = T.noiseclr_core(comfy_nodes)
     flat = core.Directions(directions=final.directions, empty=final.empty, empty_pooled=final.empty_pooled,
                            pooled=final.empty_pooled.unsqueeze(0).repeat(final.count, 1).clone(), family=fam.family,
                            base_model=final.base_model)
@@ -167,7 +144,7 @@ def test_the_pooled_part_reaches_the_model(trained: dict[str, Any], comfy_runner
 def test_directions_of_another_family_are_refused(trained: dict[str, Any], comfy_runner: InProcessRunner,
                                                    comfy_nodes: ModuleType, nq_noiseclr_dir: Path) -> None:
     fam, final = trained["fam"], trained["final"]
-    core = _core(comfy_nodes)
+    core = T.noiseclr_core(comfy_nodes)
     # another family's file (the next family in the list), and an SD1.5 file from before families (format 1)
     other = FM.FAMILIES[(FM.FAMILIES.index(fam.family) + 1) % len(FM.FAMILIES)]
     core.save_directions(nq_noiseclr_dir / f"fam/as_{other}.safetensors",
@@ -177,7 +154,7 @@ def test_directions_of_another_family_are_refused(trained: dict[str, Any], comfy
     graph = FM.family_base(fam.spec, fam.ckpt_name)
     graph["30"] = apply_node(f"fam/as_{other}.safetensors", [(0, 1.0, 0.0, 1.0)], model=[FM.CKPT, 0])
     graph.update(G.ksampler_image("4", 5, steps=1, model=["30", 0], negative=FM.NEG, size=64))
-    msg = _error(comfy_runner.run(graph))
+    msg = T.run_error(comfy_runner.run(graph))
     assert f"trained on the {LABELS[other]} ('{other}') family" in msg
     assert f"the connected model is {LABELS[fam.family]} ('{fam.family}'" in msg and "Train" in msg
 
@@ -196,41 +173,27 @@ def test_legacy_sd_files_are_refused_on_other_families(tiny_sd3: FM.TinyFamily, 
     graph = FM.family_base(tiny_sd3.spec, tiny_sd3.ckpt_name)
     graph["30"] = apply_node("fam/legacy_sd15.safetensors", [(0, 1.0, 0.0, 1.0)], model=[FM.CKPT, 0])
     graph.update(G.ksampler_image("4", 5, steps=1, model=["30", 0], negative=FM.NEG, size=64))
-    msg = _error(comfy_runner.run(graph))
+    msg = T.run_error(comfy_runner.run(graph))
     assert "trained on the SD1.x/SD2.x ('sd') family (SD15)" in msg and "SD3/SD3.5 ('sd3'" in msg
 
 
 def test_interrupted_sd3_training_resumes_to_the_uninterrupted_result(
         tiny_sd3: FM.TinyFamily, comfy_runner: InProcessRunner, comfy_nodes: ModuleType, domain: str,
         nq_noiseclr_dir: Path) -> None:
-    import comfy.model_management
-
-    core, mod = _core(comfy_nodes), _mod(comfy_nodes)
+    core, mod = T.noiseclr_core(comfy_nodes), T.noiseclr_runtime(comfy_nodes)
     graph = FM.family_base(tiny_sd3.spec, tiny_sd3.ckpt_name)
     graph["10"] = _train("fam/sd3_full", iterations=3, checkpoint_every=5)
-    _ok(comfy_runner.run(graph))
+    T.ok(comfy_runner.run(graph))
     full = core.load_directions(nq_noiseclr_dir / "fam/sd3_full.safetensors")
 
-    real = mod._host.raise_if_interrupted
-    count = {"n": 0}
-
-    def interrupt_at_2() -> None:  # as ComfyUI's Cancel button does, before iteration 2
-        count["n"] += 1
-        if count["n"] == 3:
-            comfy.model_management.interrupt_current_processing(True)
-        real()
-
-    mod._host.raise_if_interrupted = interrupt_at_2
-    try:
+    with T.interrupt_at_check(mod, 3):  # before iteration 2
         graph["10"] = _train("fam/sd3_cut", iterations=3, checkpoint_every=5)
         entry = comfy_runner.run(graph)
-    finally:
-        mod._host.raise_if_interrupted = real
     assert comfy_harness.execution_error(entry)["event"] == "execution_interrupted"
     saved = core.load_directions(nq_noiseclr_dir / "fam/sd3_cut.safetensors.checkpoint")
     assert saved.iterations_done == 2 and saved.pooled is not None
 
-    _ok(comfy_runner.run(graph))  # re-queued: resumes at 2
+    T.ok(comfy_runner.run(graph))  # re-queued: resumes at 2
     cut = core.load_directions(nq_noiseclr_dir / "fam/sd3_cut.safetensors")
     assert torch.equal(cut.directions, full.directions) and torch.equal(cut.pooled, full.pooled)
     assert cut.loss_history == full.loss_history
@@ -242,7 +205,7 @@ def test_flux_training_forward_matches_comfyui_forward(tiny_flux: FM.TinyFamily,
     import comfy.ldm.flux.math as flux_math
     import comfy.sd
 
-    mod = _mod(comfy_nodes)
+    mod = T.noiseclr_runtime(comfy_nodes)
     fused = flux_math.apply_rope
     # the rotation alone, against ComfyUI's op on Flux-shaped inputs
     pe = flux_math.rope(torch.arange(12, dtype=torch.float32).view(1, 12), 128, 10000).unsqueeze(1)
@@ -279,13 +242,13 @@ def test_post_prompt_trains_and_applies(family: str, comfy_server: ComfyServer, 
     write_domain(comfy_server.workdir / "input" / DOMAIN, count=4)
     graph = FM.family_base(spec, fam.ckpt_name, positive="a red fox", negative="")
     graph["10"] = _train(f"server/{family}")
-    _ok(comfy_server.run(graph, timeout=300))
+    T.ok(comfy_server.run(graph, timeout=300))
     assert (server_noiseclr_dir / "server" / f"{family}.safetensors").is_file()
     graph = FM.family_base(spec, fam.ckpt_name, positive="a red fox", negative="")
     graph["30"] = apply_node(f"server/{family}.safetensors", [(0, 1.0, 0.0, 1.0)], model=[FM.CKPT, 0])
     graph.update(G.ksampler_image("4", 5, steps=1, cfg=spec.cfg, sampler=spec.sampler, scheduler=spec.scheduler,
                                   negative=FM.NEG, model=["30", 0], size=64))
-    entry = _ok(comfy_server.run(graph, timeout=300))
+    entry = T.ok(comfy_server.run(graph, timeout=300))
     assert comfy_harness.output_images(entry)
     # an SD1.5 model refuses these directions through the server too, naming both families
     graph[FM.CKPT]["inputs"]["ckpt_name"] = tiny_ckpt_name

@@ -15,6 +15,7 @@ from typing import Any
 
 import comfy_harness
 import nq_graphs as G
+import nq_training as T
 import numpy as np
 import pytest
 from comfy_harness import ComfyServer, InProcessRunner
@@ -65,28 +66,6 @@ def apply_node(directions: str, slots: list[tuple[int, float, float, float]], *,
     return {"class_type": "NoiseCLRApplyDirections", "inputs": inputs}
 
 
-def _ok(entry: dict[str, Any]) -> dict[str, Any]:
-    assert "error" not in entry, f"graph refused: {json.dumps(entry)[:3000]}"
-    err = comfy_harness.execution_error(entry)
-    assert err is None, f"{err['node_type']} failed: {err.get('exception_message')}"
-    return entry
-
-
-def _error(entry: dict[str, Any]) -> str:
-    assert "error" not in entry, f"refused at validation instead of failing at run time: {entry}"
-    err = comfy_harness.execution_error(entry)
-    assert err is not None, "the graph should have failed"
-    return str(err["exception_message"])
-
-
-def _mod(comfy_nodes: ModuleType) -> ModuleType:
-    return G.pack_module(comfy_nodes, "nodes.directions_runtime")
-
-
-def _core(comfy_nodes: ModuleType) -> ModuleType:
-    return G.pack_module(comfy_nodes, "noisequery_core.directions.noiseclr")
-
-
 @pytest.fixture(scope="module")
 def domain(comfy_nodes: ModuleType) -> str:
     import folder_paths
@@ -103,18 +82,18 @@ def trained(comfy_runner: InProcessRunner, comfy_nodes: ModuleType, tiny_ckpt_na
 
     graph = G.base(tiny_ckpt_name)
     graph["10"] = train_node("inproc/zero", iterations=0)
-    _ok(comfy_runner.run(graph))
+    T.ok(comfy_runner.run(graph))
     model = comfy_runner.node_outputs(G.CKPT)[0]
-    before = {k: v.detach().clone() for k, v in model.model.diffusion_model.state_dict().items()}
+    before = T.weights(model)
 
     graph["10"] = train_node("inproc/main")
-    entry = _ok(comfy_runner.run(graph))
+    entry = T.ok(comfy_runner.run(graph))
     assert comfy_runner.node_outputs(G.CKPT)[0] is model, "the checkpoint loader should have been served from cache"
-    after = model.model.diffusion_model.state_dict()
+    changed = T.changed_weights(before, model)
     outs = comfy_runner.node_outputs("10")
 
     # The contrastive loss of the initial and of the trained directions on the same 8 training batches.
-    mod, core = _mod(comfy_nodes), _core(comfy_nodes)
+    mod, core = T.noiseclr_runtime(comfy_nodes), T.noiseclr_core(comfy_nodes)
     clip, vae = comfy_runner.node_outputs(G.CKPT)[1:3]
     init = core.load_directions(nq_noiseclr_dir / "inproc/zero.safetensors")
     final = core.load_directions(nq_noiseclr_dir / outs[0])
@@ -126,14 +105,14 @@ def trained(comfy_runner: InProcessRunner, comfy_nodes: ModuleType, tiny_ckpt_na
         latents = encoded.clone()
         evals = [core.evaluate_loss(latents, final.empty, predict, sigmas, final.settings, d.directions, range(8))
                  for d in (init, final)]
-    return {"model": model, "before": before, "after": after, "entry": entry, "outs": outs, "evals": evals,
+    return {"model": model, "changed": changed, "entry": entry, "outs": outs, "evals": evals,
             "init": init, "final": final, "file": outs[0], "path": nq_noiseclr_dir / outs[0], "torch": torch}
 
 
 def test_training_loss_decreases_and_model_is_unchanged(trained: dict[str, Any], comfy_nodes: ModuleType) -> None:
     torch = trained["torch"]
     assert trained["file"] == "inproc/main.safetensors" and trained["path"].is_file()
-    d = _core(comfy_nodes).load_directions(trained["path"])
+    d = T.noiseclr_core(comfy_nodes).load_directions(trained["path"])
     assert d.directions.shape == (4, 77, 768) and d.iterations_done == TRAIN_ITERS
     assert d.names[:2] == ["first", "second"]
     assert d.base_model["model_class"] == "SD15" and d.base_model["name"] == "tiny_sd15.safetensors"
@@ -147,10 +126,7 @@ def test_training_loss_decreases_and_model_is_unchanged(trained: dict[str, Any],
     assert after_loss < 0.8 * before_loss, f"loss on fixed batches did not go down: {before_loss:.4f} -> {after_loss:.4f}"
     assert len(d.loss_history) == TRAIN_ITERS
     # the frozen model: every UNet tensor bit-identical after training
-    before, after = trained["before"], trained["after"]
-    assert before.keys() == after.keys()
-    changed = [k for k in before if not torch.equal(before[k], after[k])]
-    assert not changed, f"training changed the model: {changed[:5]}"
+    assert not trained["changed"], f"training changed the model: {trained['changed'][:5]}"
     curve, report = trained["outs"][1], trained["outs"][2]
     assert tuple(curve.shape) == (1, 256, 512, 3) and "loss" in report and "inproc/main.safetensors" in report
 
@@ -160,7 +136,7 @@ def test_finished_run_is_not_retrained(comfy_runner: InProcessRunner, tiny_ckpt_
     mtime = trained["path"].stat().st_mtime_ns
     graph = G.base(tiny_ckpt_name)
     graph["10"] = train_node("inproc/main")
-    _ok(comfy_runner.run(graph))
+    T.ok(comfy_runner.run(graph))
     assert "already trained" in comfy_runner.node_outputs("10")[2]
     assert trained["path"].stat().st_mtime_ns == mtime
 
@@ -168,45 +144,31 @@ def test_finished_run_is_not_retrained(comfy_runner: InProcessRunner, tiny_ckpt_
 def test_interrupted_training_resumes_to_the_uninterrupted_result(comfy_runner: InProcessRunner,
                                                                   comfy_nodes: ModuleType, tiny_ckpt_name: str,
                                                                   domain: str, nq_noiseclr_dir: Path) -> None:
-    import comfy.model_management
     import torch
 
     iters = 6
     graph = G.base(tiny_ckpt_name)
     graph["10"] = train_node("inproc/full", iterations=iters)
-    _ok(comfy_runner.run(graph))
-    full = _core(comfy_nodes).load_directions(nq_noiseclr_dir / "inproc/full.safetensors")
+    T.ok(comfy_runner.run(graph))
+    full = T.noiseclr_core(comfy_nodes).load_directions(nq_noiseclr_dir / "inproc/full.safetensors")
 
-    # Interrupt as ComfyUI's Cancel button does, at iteration 3 (checkpoint_every is 4: the stop itself saves).
-    mod = _mod(comfy_nodes)
-    real = mod._host.raise_if_interrupted
-    count = {"n": 0}
-
-    def interrupt_at_3() -> None:
-        count["n"] += 1
-        if count["n"] == 4:
-            comfy.model_management.interrupt_current_processing(True)
-        real()
-
-    mod._host.raise_if_interrupted = interrupt_at_3
-    try:
+    # Interrupt at iteration 3 (checkpoint_every is 4: the stop itself saves).
+    with T.interrupt_at_check(T.noiseclr_runtime(comfy_nodes), 4):
         graph["10"] = train_node("inproc/cut", iterations=iters)
         entry = comfy_runner.run(graph)
-    finally:
-        mod._host.raise_if_interrupted = real
     assert comfy_harness.execution_error(entry)["event"] == "execution_interrupted"
     ckpt = nq_noiseclr_dir / "inproc/cut.safetensors.checkpoint"
-    assert _core(comfy_nodes).load_directions(ckpt).iterations_done == 3
+    assert T.noiseclr_core(comfy_nodes).load_directions(ckpt).iterations_done == 3
     assert not (nq_noiseclr_dir / "inproc/cut.safetensors").exists()
 
-    _ok(comfy_runner.run(graph))  # re-queued: resumes at 3
-    cut = _core(comfy_nodes).load_directions(nq_noiseclr_dir / "inproc/cut.safetensors")
+    T.ok(comfy_runner.run(graph))  # re-queued: resumes at 3
+    cut = T.noiseclr_core(comfy_nodes).load_directions(nq_noiseclr_dir / "inproc/cut.safetensors")
     assert torch.equal(cut.directions, full.directions)
     assert cut.loss_history == full.loss_history
 
     # changed settings refuse the checkpoint with a way out
     graph["10"] = train_node("inproc/cut", iterations=iters + 2, temperature=0.25)
-    assert "resume off" in _error(comfy_runner.run(graph))
+    assert "resume off" in T.run_error(comfy_runner.run(graph))
 
 
 def _sample(runner: InProcessRunner, ckpt: str, directions: str | None, slots: list[tuple[int, float, float, float]],
@@ -218,7 +180,7 @@ def _sample(runner: InProcessRunner, ckpt: str, directions: str | None, slots: l
         graph["30"] = apply_node(directions, slots)
         model = ["30", 0]
     graph.update(G.ksampler_image("4", seed, steps=steps, model=model))
-    _ok(runner.run(graph))
+    T.ok(runner.run(graph))
     return runner.node_outputs("41")[0]["samples"].clone()
 
 
@@ -288,23 +250,23 @@ def test_guider_matches_ksampler_and_warns_on_other_model(comfy_runner: InProces
                                                                      "latent_image": ["40", 0]}}
     graph["45"] = {"class_type": "VAEDecode", "inputs": {"samples": ["44", 0], "vae": [G.CKPT, 2]}}
     graph["46"] = {"class_type": "PreviewImage", "inputs": {"images": ["45", 0]}}
-    _ok(comfy_runner.run(graph))
+    T.ok(comfy_runner.run(graph))
     via_guider = comfy_runner.node_outputs("44")[0]["samples"]
     assert torch.allclose(via_guider, via_ksampler, atol=1e-4), float((via_guider - via_ksampler).abs().max())
     report = comfy_runner.node_outputs("30")[2]
     assert "#0 first: scale +1.50" in report and "warning" not in report
 
     # the same directions marked as trained on another model: still applied, with a warning
-    core = _core(comfy_nodes)
+    core = T.noiseclr_core(comfy_nodes)
     d = core.load_directions(trained["path"])
     d.base_model["fingerprint"] = "0123456789abcdef"
     core.save_directions(nq_noiseclr_dir / "inproc/other_model.safetensors", d)
     graph["30"] = apply_node("inproc/other_model.safetensors", slots)
-    _ok(comfy_runner.run(graph))
+    T.ok(comfy_runner.run(graph))
     assert "warning: these directions were trained on SD15" in comfy_runner.node_outputs("30")[2]
 
     graph["30"] = apply_node(f, [(9, 1.0, 0.0, 1.0)])
-    assert "direction 9 does not exist; the file has directions 0..3" in _error(comfy_runner.run(graph))
+    assert "direction 9 does not exist; the file has directions 0..3" in T.run_error(comfy_runner.run(graph))
 
 
 def test_post_prompt_trains_and_applies(comfy_server: ComfyServer, tiny_ckpt_name: str,
@@ -328,12 +290,12 @@ def test_post_prompt_trains_and_applies(comfy_server: ComfyServer, tiny_ckpt_nam
                     inputs[key] = 64
             if "steps" in inputs:
                 inputs["steps"] = 2
-    _ok(comfy_server.run(train, timeout=300))
+    T.ok(comfy_server.run(train, timeout=300))
     assert (server_noiseclr_dir / "server" / "faces.safetensors").is_file()
     info = comfy_server.object_info("NoiseCLRApplyDirections")["NoiseCLRApplyDirections"]
     assert "server/faces.safetensors" in info["input"]["required"]["directions"][1]["options"]
     assert info["input"]["required"]["scale_1"][1]["display"] == "slider"
-    entry = _ok(comfy_server.run(apply, timeout=300))
+    entry = T.ok(comfy_server.run(apply, timeout=300))
     images = comfy_harness.output_images(entry)
     assert images, entry["outputs"]
 
@@ -345,9 +307,9 @@ def test_name_directions_node(comfy_runner: InProcessRunner, comfy_nodes: Module
     shutil.copy(trained["path"], nq_noiseclr_dir / "inproc/named.safetensors")
     graph = {"50": {"class_type": "NoiseCLRNameDirections",
                     "inputs": {"directions": "inproc/named.safetensors", "names": "2=brighter, 3=bigger"}}}
-    _ok(comfy_runner.run(graph))
+    T.ok(comfy_runner.run(graph))
     assert comfy_runner.node_outputs("50")[0].splitlines() == ["#0 first", "#1 second", "#2 brighter", "#3 bigger"]
-    assert _core(comfy_nodes).load_directions(nq_noiseclr_dir / "inproc/named.safetensors").names[2] == "brighter"
+    assert T.noiseclr_core(comfy_nodes).load_directions(nq_noiseclr_dir / "inproc/named.safetensors").names[2] == "brighter"
     graph["50"]["inputs"]["names"] = "2=brighter, bigger"
     refused = comfy_runner.run(graph)
     assert "error" in refused and "index=name" in json.dumps(refused["node_errors"])
