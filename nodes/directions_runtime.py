@@ -2,7 +2,8 @@
 context), the training run, and the sampling patch that applies directions (MODEL and GUIDER).
 
 The algorithm (loss, training loop, checkpoint/resume, file format) lives in noisequery_core/directions/noiseclr.py; the
-node classes are in nodes/directions_nodes.py.
+node classes are in nodes/directions_nodes.py; model families, noising and the training forward, shared with the
+seed-invariant prompt, in nodes/_training.py.
 """
 
 from __future__ import annotations
@@ -11,14 +12,11 @@ import logging
 import os
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import comfy.conds
-import comfy.model_base
 import comfy.model_management
-import comfy.model_sampling
 import comfy.samplers
 import folder_paths
 import numpy as np
@@ -26,7 +24,6 @@ import torch
 from PIL import Image, ImageOps
 
 from ..noisequery_core.directions.noiseclr import (
-    AddNoise,
     Directions,
     TrainSettings,
     check_directions_name,
@@ -41,9 +38,9 @@ from ..noisequery_core.errors import NoiseCLRError
 from ..noisequery_core.imaging import load_image, loss_curve_picture
 from ..noisequery_core.training import data_fingerprint
 from ..noisequery_core.work import CheckCancel, Progress, never_cancel, no_progress
-from . import _host
+from . import _host, _training
 from ._glue import to_image, to_uint8
-from ._training import make_predict_noise
+from ._training import FLUX, Family, context_dim_of, family_label, make_predict_noise, noising_of
 
 log = logging.getLogger("noisequery")
 
@@ -138,80 +135,22 @@ def gather_images(folder: str, images: torch.Tensor | None, resolution: int) -> 
     return arrays, ", ".join(sources)
 
 
-# ------------------------------------------------------------------ model families
+# ------------------------------------------------------------------ model families (nodes/_training.py)
 
-
-@dataclass(frozen=True)
-class Family:
-    """A model family NoiseCLR trains and applies directions on, and how its conditioning enters the model.
-
-    key: the name stored in directions files ("sd", "sdxl", "sd3", "flux"); label: the words users see.
-    pooled: the model also takes the prompt's pooled vector (SDXL: the first part of the ADM ``y`` input,
-    the rest being size embeddings; SD3 and Flux: all of ``y``, into adaLN), so directions gain a pooled part.
-    joint: the conditioning tokens join the image tokens in joint attention (MMDiT / Flux double blocks)
-    instead of feeding cross-attention; ComfyUI batches them as CONDRegular, not CONDCrossAttn.
-    """
-
-    key: str
-    label: str
-    pooled: bool
-    joint: bool
-
-
-SD = Family("sd", "SD1.x/SD2.x", pooled=False, joint=False)
-SDXL = Family("sdxl", "SDXL", pooled=True, joint=False)
-SD3 = Family("sd3", "SD3/SD3.5", pooled=True, joint=True)
-FLUX = Family("flux", "Flux.1", pooled=True, joint=True)
-FAMILIES = {f.key: f for f in (SD, SDXL, SD3, FLUX)}
-# Flux-dev is guidance-distilled: its guidance input is part of the conditioning. Training uses ComfyUI's own
-# default (comfy.model_base.Flux.extra_conds), the value a plain CLIPTextEncode prompt samples with; applying uses
-# whatever guidance the sampled prompt carries (FluxGuidance), the same for ∅ and the directions.
-FLUX_TRAIN_GUIDANCE = 3.5
-
-
-def family_label(key: str) -> str:
-    """Words for a family key read from a file ('sdxl' -> 'SDXL'); unknown keys shown as they are."""
-    f = FAMILIES.get(key)
-    return f"{f.label} ({key!r})" if f else repr(key)
+# Flux-dev trains with ComfyUI's default guidance (comfy.model_base.Flux.extra_conds), the value a plain
+# CLIPTextEncode prompt samples with; applying uses whatever guidance the sampled prompt carries (FluxGuidance),
+# the same for ∅ and the directions.
+FLUX_TRAIN_GUIDANCE = _training.FLUX_DEFAULT_GUIDANCE
 
 
 def family_of(model: Any) -> Family:
-    """The NoiseCLR family of a MODEL, or NoiseCLRError naming why it cannot take directions.
-
-    Exact classes for the DiTs: Flux2 (Mistral conditioning), Chroma (no pooled input) and the other DiTs
-    subclass or resemble these but condition differently, and nothing here was tested on them.
-    """
-    base = model.model
-    kind = type(base.model_config).__name__
-    if type(base) is comfy.model_base.Flux:
-        cfg = base.model_config.unet_config
-        if cfg.get("in_channels", 16) != cfg.get("out_channels", 16):
-            raise NoiseCLRError(f"NoiseCLR: {kind} takes extra image channels (a Fill/inpainting or control Flux); "
-                                f"directions are trained on plain text-to-image models. Use a Flux.1 dev/schnell "
-                                f"checkpoint.")
-        if not cfg.get("vec_in_dim"):
-            raise NoiseCLRError(f"NoiseCLR: {kind} has no pooled-vector input (vector_in); it is not a Flux.1 "
-                                f"dev/schnell model, which NoiseCLR supports.")
-        return FLUX
-    if type(base) is comfy.model_base.SD3:
-        return SD3
-    if isinstance(base, (comfy.model_base.SDXL, comfy.model_base.SDXLRefiner)):
-        return SDXL
-    if type(base).__name__ in ("Flux2", "Chroma", "ChromaRadiance") or not getattr(base, "diffusion_model", None) \
-            or not isinstance(_unet_config(model).get("context_dim"), int):
-        raise NoiseCLRError(
-            f"NoiseCLR: {kind} ({type(base).__name__}) is not a family NoiseCLR supports: SD1.x/SD2.x, SDXL, SD3/SD3.5 "
-            f"and Flux.1. Directions are trained in a model's text-conditioning space, which this model lays out "
-            f"differently (or has none).")
-    if getattr(base, "adm_channels", 0):
-        raise NoiseCLRError(
-            f"NoiseCLR: {kind} takes an ADM/'y' input that is not a text prompt's pooled vector (e.g. an unCLIP image "
-            f"embedding); directions cannot stand for it. Use an SD1.x/SD2.x, SDXL, SD3 or Flux.1 checkpoint.")
-    return SD
+    """The NoiseCLR family of a MODEL, or NoiseCLRError naming why it cannot take directions."""
+    return _training.family_of(model, "NoiseCLR", NoiseCLRError)
 
 
-def _unet_config(model: Any) -> dict[str, Any]:
-    return getattr(model.model.model_config, "unet_config", {}) or {}
+def check_supported(model: Any) -> Family:
+    """The model's family, or NoiseCLRError saying why NoiseCLR cannot train or apply directions on it."""
+    return _training.check_supported(model, "NoiseCLR", NoiseCLRError)
 
 
 def model_identity(model: Any, name: str = "") -> dict[str, Any]:
@@ -225,63 +164,10 @@ def model_identity(model: Any, name: str = "") -> dict[str, Any]:
     return out
 
 
-def context_dim_of(model: Any) -> int | None:
-    """The width of the model's text-conditioning tokens (cross-attention context or joint-attention input)."""
-    cfg = _unet_config(model)
-    dim = cfg.get("context_dim") or cfg.get("context_in_dim")  # UNets / Flux
-    if not dim:
-        embedder = getattr(getattr(model.model, "diffusion_model", None), "context_embedder", None)  # MMDiT (SD3)
-        dim = getattr(embedder, "in_features", None)
-    return int(dim) if dim else None
-
-
-def check_supported(model: Any) -> Family:
-    """The model's family, or NoiseCLRError saying why NoiseCLR cannot train or apply directions on it."""
-    base = model.model
-    kind = type(base.model_config).__name__
-    family = family_of(model)
-    if context_dim_of(model) is None:
-        raise NoiseCLRError(f"NoiseCLR: {kind} has no text-conditioning context; it cannot take directions.")
-    allowed = {SD.key: (comfy.model_base.ModelType.EPS, comfy.model_base.ModelType.V_PREDICTION),
-               SDXL.key: (comfy.model_base.ModelType.EPS, comfy.model_base.ModelType.V_PREDICTION),
-               SD3.key: (comfy.model_base.ModelType.FLOW,), FLUX.key: (comfy.model_base.ModelType.FLUX,)}[family.key]
-    if base.model_type not in allowed:
-        raise NoiseCLRError(f"NoiseCLR: {kind} predicts {base.model_type.name}; on {family.label} only "
-                            f"{', '.join(t.name.lower() for t in allowed)} models are supported.")
-    return family
-
-
-# ------------------------------------------------------------------ noising (the differentiable forward: nodes/_training.py)
-
-
-def noising_of(model: Any) -> AddNoise | None:
-    """How x_t is made in the model's sampling space: None (x0 + σ·noise, the core's default) for eps/v
-    UNets, the model's own noise_scaling for the rest (flow: (1−σ)·x0 + σ·noise)."""
-    ms = model.model.model_sampling
-    if isinstance(ms, comfy.model_sampling.EPS) and not isinstance(ms, comfy.model_sampling.CONST):
-        return None
-
-    def add_noise(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        return ms.noise_scaling(sigma, noise, x0)
-
-    return add_noise
-
-
 def pooled_rest(model: Any, empty_pooled: torch.Tensor, resolution: int) -> torch.Tensor:
-    """[1, R]: the part of the model's ``y`` that is not the pooled vector, as sampling at ``resolution``
-    pixels builds it (SDXL: size embeddings, R = 1536; SD3/Flux: R = 0). Checks that ``y`` starts with the
-    pooled vector, the layout every pooled family here has."""
-    base = model.model
-    pooled = empty_pooled.float().unsqueeze(0)
-    with torch.no_grad():
-        y = base.encode_adm(pooled_output=pooled, width=resolution, height=resolution, target_width=resolution,
-                            target_height=resolution, crop_w=0, crop_h=0, prompt_type="positive",
-                            device=pooled.device)
-    p = pooled.shape[1]
-    if y is None or y.shape[1] < p or not torch.equal(y[:, :p].float().cpu(), pooled.cpu()):
-        raise NoiseCLRError(f"NoiseCLR: {type(base.model_config).__name__}'s 'y' input does not start with the prompt's "
-                            f"pooled vector ({p} wide); its directions' pooled part would not reach the model.")
-    return y[:, p:].detach().float().clone()
+    """[1, R]: the part of the model's ``y`` that is not the pooled vector, as sampling at ``resolution`` pixels
+    builds it (SDXL: size embeddings; SD3/Flux: R = 0)."""
+    return _training.pooled_rest(model, empty_pooled, resolution, resolution, None, "NoiseCLR", NoiseCLRError)
 
 
 def encode_images(vae: Any, model: Any, arrays: Sequence[np.ndarray], batch: int = 8) -> torch.Tensor:
@@ -377,7 +263,7 @@ def run_training(model: Any, clip: Any, vae: Any, arrays: Sequence[np.ndarray], 
         empty_pooled = None  # SD1.x/SD2.x take tokens only; a pooled vector from the CLIP would not reach them
     resolution = int(arrays[0].shape[0])
     y_rest = pooled_rest(model, empty_pooled, resolution) if empty_pooled is not None else None
-    guidance = FLUX_TRAIN_GUIDANCE if family is FLUX and _unet_config(model).get("guidance_embed") else None
+    guidance = FLUX_TRAIN_GUIDANCE if family is FLUX and _training.unet_config(model).get("guidance_embed") else None
     if guidance is not None:
         base_model["guidance"] = guidance
     ckpt = checkpoint_path_for(out_path)

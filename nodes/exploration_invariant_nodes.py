@@ -1,17 +1,19 @@
 """Seed-invariant prompt nodes: tune a prompt's tokens on a liked image so other seeds land near it; load the result.
 
 Thin glue over noisequery_core/exploration/invariant.py (loss, optimisation, resume, file format). Files live in
-models/noisequery_embeddings; a file is refused on any model but the one it was tuned through.
+models/noisequery_embeddings; a file is refused on any model but the one it was tuned through. Families (SD1.x/SD2.x,
+SDXL, SD3, Flux.1), their noising and the differentiable forward are nodes/_training.py's, as for NoiseCLR.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
-import comfy.model_base
 import comfy.model_management
 import folder_paths
 import torch
@@ -30,12 +32,13 @@ from ..noisequery_core.exploration.invariant import (
     optimise_prompt,
     same_origin,
     save_embedding,
+    scalar_options,
 )
 from ..noisequery_core.training import data_fingerprint
 from ..noisequery_core.work import CheckCancel, Progress, never_cancel, no_progress
-from . import _host
+from . import _host, _training
 from ._glue import SEED_MAX, to_image, to_uint8
-from ._training import make_predict_noise
+from ._training import FAMILIES, FLUX, Family, context_dim_of, make_predict_noise, noising_of
 from ._validate import numbers_problem, require_numbers
 
 log = logging.getLogger("noisequery")
@@ -86,29 +89,19 @@ def output_path(name: str) -> Path:
 # ------------------------------------------------------------------ the model
 
 
-def _context_dim(model: Any) -> int | None:
-    dim = (getattr(model.model.model_config, "unet_config", {}) or {}).get("context_dim")
-    return int(dim) if dim else None
+WHO = "Seed-invariant prompt"
+FAMILY_LABELS = {k: f.label for k, f in FAMILIES.items()}
 
 
 def _identity(model: Any, name: str) -> dict[str, Any]:
     return {"name": name, "fingerprint": _host.model_fingerprint(model),
-            "model_class": type(model.model.model_config).__name__, "context_dim": _context_dim(model)}
+            "model_class": type(model.model.model_config).__name__, "context_dim": context_dim_of(model)}
 
 
-def check_model(model: Any) -> None:
-    """UNets conditioned by cross-attention tokens only (SD1.x, SD2.x), eps or v prediction."""
-    base = model.model
-    kind = type(base.model_config).__name__
-    if getattr(base, "adm_channels", 0):
-        raise SeedInvariantError(f"Seed-invariant prompt: {kind} also takes a pooled text vector (ADM 'y', e.g. SDXL); "
-                                 f"only the cross-attention tokens are tuned here, so it is not supported yet. Use an "
-                                 f"SD1.x or SD2.x checkpoint.")
-    if _context_dim(model) is None:
-        raise SeedInvariantError(f"Seed-invariant prompt: {kind} has no cross-attention context to tune.")
-    if base.model_type not in (comfy.model_base.ModelType.EPS, comfy.model_base.ModelType.V_PREDICTION):
-        raise SeedInvariantError(f"Seed-invariant prompt: {kind} predicts {base.model_type.name}; only eps and "
-                                 f"v-prediction UNets (SD1.x, SD2.x) are supported.")
+def check_model(model: Any) -> Family:
+    """The model's family (SD1.x/SD2.x eps or v, SDXL, SD3, Flux.1 dev/schnell), or SeedInvariantError saying why
+    its conditioning cannot be tuned (Flux2, Chroma, Fill/control Flux, other DiTs, unCLIP: as NoiseCLR refuses)."""
+    return _training.check_supported(model, WHO, SeedInvariantError)
 
 
 def prompt_tokens(conditioning: Any, dim: int | None) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -127,6 +120,30 @@ def prompt_tokens(conditioning: Any, dim: int | None) -> tuple[torch.Tensor, dic
     return tokens[0].detach().float().cpu(), dict(opts)
 
 
+def prompt_pooled(options: dict[str, Any], family: Family) -> torch.Tensor | None:
+    """The prompt's pooled vector [P] for a pooled family (None for SD1.x/SD2.x), or SeedInvariantError."""
+    if not family.pooled:
+        return None  # SD1.x/SD2.x take tokens only; a pooled vector from the CLIP would not reach them
+    pooled = options.get("pooled_output")
+    if not isinstance(pooled, torch.Tensor) or pooled.dim() != 2 or pooled.shape[0] != 1:
+        raise SeedInvariantError(f"conditioning: no pooled vector ('pooled_output' [1, P]), which {family.label} "
+                                 f"models also take; connect a CLIPTextEncode of the CLIP that belongs to this "
+                                 f"checkpoint.")
+    return pooled[0].detach().float().cpu()
+
+
+def _prompt_hash(conditioning: Any, pooled: torch.Tensor | None, options: dict[str, Any]) -> str:
+    """The prompt's identity for resume: its tokens (SD1.x/SD2.x: only them, as files made before families), plus
+    the pooled vector and the scalar options (guidance, sizes) where the family takes them."""
+    base = _host.conditioning_fingerprint(conditioning)
+    if pooled is None:
+        return base
+    h = hashlib.sha256(base.encode())
+    h.update(pooled.numpy().tobytes())
+    h.update(json.dumps(options, sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
 def encode_liked(vae: Any, model: Any, images: torch.Tensor) -> torch.Tensor:
     """VAE-encode the liked image(s) into the model's latent space (process_latent_in applied)."""
     with torch.no_grad():
@@ -138,37 +155,52 @@ def run_optimisation(model: Any, vae: Any, conditioning: Any, images: torch.Tens
                      resume: bool = True, progress: Progress = no_progress,
                      check_cancel: CheckCancel = never_cancel) -> tuple[Embedding, str]:
     """Encode, optimise (resuming), save. Returns (embedding, report). The node and bench/bench_invariant.py use it."""
-    check_model(model)
+    family = check_model(model)
     settings.validate()
-    dim = _context_dim(model)
-    tokens, _ = prompt_tokens(conditioning, dim)
+    dim = context_dim_of(model)
+    tokens, opts = prompt_tokens(conditioning, dim)
+    pooled = prompt_pooled(opts, family)
+    options = scalar_options(opts)
     if images is None or images.dim() != 4 or images.shape[0] < 1:
         raise SeedInvariantError("image: connect the liked image (an IMAGE, one or a few of the same size).")
     base_model = _identity(model, model_name)
+    guidance = None
+    if family is FLUX and _training.unet_config(model).get("guidance_embed"):
+        # Flux-dev samples with the guidance its prompt carries (FluxGuidance), ComfyUI's default when none
+        guidance = float(options.get("guidance", _training.FLUX_DEFAULT_GUIDANCE))
+        base_model["guidance"] = guidance
     arrays = to_uint8(images)
     width, height = int(arrays.shape[2]), int(arrays.shape[1])
     data: dict[str, Any] = {"images": len(arrays), "fingerprint": data_fingerprint(list(arrays)), "size": [width, height]}
-    prompt = {"hash": _host.conditioning_fingerprint(conditioning), "text": prompt_text}
+    prompt = {"hash": _prompt_hash(conditioning, pooled, options), "text": prompt_text}
     label = label or out_path.name
     if resume and out_path.is_file():
         done = load_embedding(out_path)
         template = Embedding(tokens=tokens, original=tokens, base_model=base_model, prompt=prompt, settings=settings,
-                             data=data)
+                             data=data, pooled=pooled, original_pooled=pooled, family=family.key, options=options)
         if not same_origin(template, done) and done.iterations_done == settings.iterations:
             return done, f"{label}: already made with these settings, model, prompt and image(s) (nothing to do).\n" \
                          f"{held_out_summary(done)}"
     device = comfy.model_management.get_torch_device()
     encoded = encode_liked(vae, model, images)
     # ComfyUI runs nodes under torch.inference_mode(); the optimisation needs autograd on normal tensors.
+    # SDXL: the size embeddings sampling will add to this prompt's pooled vector (its options, else the image size)
+    y_rest = _training.pooled_rest(model, pooled, width, height, opts, WHO, SeedInvariantError) \
+        if pooled is not None else None
     with torch.inference_mode(False), torch.enable_grad():
         latents = encoded.clone().to(device)
-        predict, sigmas = make_predict_noise(model)
+        predict, sigmas = make_predict_noise(model, y_rest=y_rest.clone().to(device) if y_rest is not None else None,
+                                             guidance=guidance)
         e = optimise_prompt(latents, tokens.clone(), predict, sigmas, settings, checkpoint_path=checkpoint_for(out_path),
                             resume=resume, base_model=base_model, prompt=prompt, data=data, progress=progress,
-                            check_cancel=check_cancel, device=device)
+                            check_cancel=check_cancel, device=device,
+                            pooled=pooled.clone() if pooled is not None else None, add_noise=noising_of(model),
+                            family=family.key, options=options)
         del predict  # drops the weight clones
     save_embedding(out_path, e)
-    report = (f"{label}: {e.tokens.shape[0]} tokens x {e.context_dim} tuned for {e.iterations_done} iterations on "
+    tuned = f" + a pooled vector of {e.pooled_dim}" if e.pooled_dim else ""
+    report = (f"{label}: {e.tokens.shape[0]} tokens x {e.context_dim}{tuned} ({family.label}) tuned for "
+              f"{e.iterations_done} iterations on "
               f"{data['images']} liked image(s) at {width}x{height}\n{held_out_summary(e)}\n"
               f"training loss {e.loss_history[0]:.4f} -> {e.loss_history[-1]:.4f}; checkpoint (resume / extend): "
               f"{checkpoint_for(out_path).name}\nbase model: {base_model['model_class']} {model_name} fingerprint "
@@ -176,9 +208,24 @@ def run_optimisation(model: Any, vae: Any, conditioning: Any, images: torch.Tens
     return e, report
 
 
-def to_conditioning(tokens: torch.Tensor, options: dict[str, Any] | None = None) -> list[list[Any]]:
-    """ComfyUI CONDITIONING of one prompt: [[tokens [1, T, D], options]]."""
-    return [[tokens.detach().float().unsqueeze(0).clone(), dict(options or {})]]
+def to_conditioning(tokens: torch.Tensor, options: dict[str, Any] | None = None,
+                    pooled: torch.Tensor | None = None) -> list[list[Any]]:
+    """ComfyUI CONDITIONING of one prompt: [[tokens [1, T, D], options]], with ``pooled`` [P] as its pooled_output
+    (replacing the options' own) when given."""
+    opts = dict(options or {})
+    if pooled is not None:
+        opts["pooled_output"] = pooled.detach().float().unsqueeze(0).clone()
+    return [[tokens.detach().float().unsqueeze(0).clone(), opts]]
+
+
+def prompt_text(dynprompt: Any, unique_id: str | None) -> str:
+    """The text of the CLIPTextEncode feeding ``conditioning``, also through one conditioning node in between (Flux
+    prompts come through FluxGuidance); '' when unknown (the text only labels the file)."""
+    text = _host.upstream_text(dynprompt, unique_id, "conditioning")
+    if text or dynprompt is None or unique_id is None:
+        return text
+    link = dynprompt.get_node(str(unique_id)).get("inputs", {}).get("conditioning")
+    return _host.upstream_text(dynprompt, str(link[0]), "conditioning") if isinstance(link, list) else ""
 
 
 def _file_state(name: str) -> tuple[Any, ...]:
@@ -208,24 +255,25 @@ class NoiseQuerySeedInvariantPrompt(io.ComfyNode):
             display_name="NoiseQuery Seed-Invariant Prompt",
             category="NoiseQuery/explore",
             description=(
-                "Carries a liked image to other seeds through the prompt: tunes the prompt's conditioning tokens (the "
-                "model stays frozen and unchanged) so that the model denoises toward the liked image from random seeds "
+                "Carries a liked image to other seeds through the prompt: tunes the prompt's conditioning tokens, and its "
+                "pooled vector on SDXL, SD3 and Flux.1 (SD1.x/SD2.x take tokens only), with the model's own training "
+                "target (the model stays frozen and unchanged) so that the model denoises toward the liked image from random seeds "
                 "and noise levels, with a pull back toward the original prompt. Saves "
                 "models/noisequery_embeddings/<name>.safetensors (usable only with this model), checkpoints as it goes; "
                 "re-queueing resumes an interrupted run, or extends it when you raise iterations. Connect the output "
                 "conditioning to a KSampler's positive and try other seeds."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="The SD1.x/SD2.x model to sample with (frozen; the embedding only fits it)."),
+                io.Model.Input("model", tooltip="The model to sample with: SD1.x/SD2.x, SDXL, SD3/SD3.5 or Flux.1 (frozen; the embedding only fits it)."),
                 io.Vae.Input("vae", tooltip="Its VAE: encodes the liked image once."),
-                io.Conditioning.Input("conditioning", tooltip="The prompt to start from (one CLIPTextEncode): its tokens are tuned."),
-                io.Image.Input("image", tooltip="The liked image (or a few of one size), e.g. a render you liked. It is encoded at its own size (cropped to a multiple of 8); 512x512 for SD1.5."),
+                io.Conditioning.Input("conditioning", tooltip="The prompt to start from (one CLIPTextEncode; on Flux through FluxGuidance if you use it): its tokens, and its pooled vector on SDXL/SD3/Flux, are tuned; its other options (guidance, sizes) are kept."),
+                io.Image.Input("image", tooltip="The liked image (or a few of one size), e.g. a render you liked. It is encoded at its own size (cropped to a multiple of 8): 512x512 for SD1.5, 1024x1024 for SDXL/SD3/Flux."),
                 io.String.Input("name", default="my_invariant_prompt", tooltip="File name in models/noisequery_embeddings (without .safetensors; sub-folders with '/' are fine)."),
                 io.Int.Input("iterations", default=200, min=1, max=100_000, tooltip="Optimisation steps (>= 1). Raise it and re-queue to continue a finished run."),
                 io.Int.Input("batch_size", default=4, min=1, max=64, tooltip="Random seeds (noises) per step; UNet rows per step = batch_size."),
                 io.Float.Input("learning_rate", default=5e-3, min=1e-6, max=1.0, step=1e-4, round=1e-6, tooltip="Adam learning rate of the tokens."),
-                io.Float.Input("prompt_weight", default=0.1, min=0.0, max=1000.0, step=0.01, round=1e-4, tooltip="How strongly the tokens are kept near the original prompt (mean squared distance). 0 lets them go wherever the image pulls; higher keeps more of the prompt's meaning."),
-                io.Int.Input("t_min", default=0, min=0, max=999, tooltip="Lowest training timestep (of 1000): low values also fit fine detail."),
+                io.Float.Input("prompt_weight", default=0.1, min=0.0, max=1000.0, step=0.01, round=1e-4, tooltip="How strongly the tokens (and the pooled vector, each by its own mean) are kept near the original prompt (mean squared distance). 0 lets them go wherever the image pulls; higher keeps more of the prompt's meaning."),
+                io.Int.Input("t_min", default=0, min=0, max=999, tooltip="Lowest training timestep (of 1000 on every family): low values also fit fine detail."),
                 io.Int.Input("t_max", default=999, min=0, max=999, tooltip="Highest training timestep: high values decide colour and layout, what most differs between seeds."),
                 io.Int.Input("seed", default=0, min=0, max=SEED_MAX, control_after_generate=False, tooltip="Seed of the run: every step's noises and timesteps (the held-out report uses other, fixed seeds)."),
                 io.Int.Input("checkpoint_every", default=25, min=1, max=100_000, tooltip="Write a resumable checkpoint every this many steps (and when interrupted)."),
@@ -279,11 +327,11 @@ class NoiseQuerySeedInvariantPrompt(io.ComfyNode):
         fname = out.relative_to(folder_paths.get_folder_paths(FOLDER)[0]).as_posix()
         e, report = run_optimisation(model, vae, conditioning, image, settings, out, label=fname,
                                      model_name=_host.upstream_model_name(dyn, uid),
-                                     prompt_text=_host.upstream_text(dyn, uid, "conditioning"), resume=resume,
+                                     prompt_text=prompt_text(dyn, uid), resume=resume,
                                      progress=work.progress, check_cancel=work.check_cancel)
         _, options = prompt_tokens(conditioning, None)
         curve = to_image([loss_curve(e.loss_history, e.held_out)])
-        return io.NodeOutput(to_conditioning(e.tokens, options), fname, curve, report, ui={"text": [report]})
+        return io.NodeOutput(to_conditioning(e.tokens, options, e.pooled), fname, curve, report, ui={"text": [report]})
 
 
 class NoiseQueryLoadInvariantPrompt(io.ComfyNode):
@@ -293,8 +341,10 @@ class NoiseQueryLoadInvariantPrompt(io.ComfyNode):
             node_id="NoiseQueryLoadInvariantPrompt",
             display_name="NoiseQuery Load Seed-Invariant Prompt",
             category="NoiseQuery/explore",
-            description=("Loads a seed-invariant prompt saved by NoiseQuery Seed-Invariant Prompt as CONDITIONING. "
-                         "Refuses a file made on another model (tuned tokens only mean something to that model)."),
+            description=("Loads a seed-invariant prompt saved by NoiseQuery Seed-Invariant Prompt as CONDITIONING: the "
+                         "tuned tokens, the tuned pooled vector (SDXL/SD3/Flux) and the prompt's other options (Flux "
+                         "guidance, SDXL sizes). Refuses a file made on another model or family (tuned tokens only "
+                         "mean something to that model)."),
             inputs=[
                 io.Model.Input("model", tooltip="The model you will sample with: must be the one the embedding was made on."),
                 io.Combo.Input("embedding", options=embedding_files(), tooltip="A file from models/noisequery_embeddings."),
@@ -317,11 +367,19 @@ class NoiseQueryLoadInvariantPrompt(io.ComfyNode):
     @classmethod
     def execute(cls, model: Any, embedding: str) -> io.NodeOutput:
         e = load_embedding(embedding_path(embedding))
-        check_fits_model(e, _host.model_fingerprint(model), _context_dim(model), embedding)
+        family = check_model(model)
+        check_fits_model(e, _host.model_fingerprint(model), context_dim_of(model), embedding, family.key,
+                         FAMILY_LABELS)
+        if family.pooled and e.pooled is None:
+            raise SeedInvariantError(f"{embedding}: no pooled vector, which {family.label} models need; the file is "
+                                     f"damaged or was not written by NoiseQuery. Make the embedding again.")
         text = e.prompt.get("text") or "?"
-        report = (f"{embedding}: {e.tokens.shape[0]} tokens x {e.context_dim}, {e.iterations_done} iterations from "
-                  f"prompt {text!r} (hash {e.prompt.get('hash')})\n{held_out_summary(e)}")
-        return io.NodeOutput(to_conditioning(e.tokens), report, ui={"text": [report]})
+        tuned = f" + pooled {e.pooled_dim}" if e.pooled_dim else ""
+        report = (f"{embedding}: {e.tokens.shape[0]} tokens x {e.context_dim}{tuned} ({family.label}), "
+                  f"{e.iterations_done} iterations from prompt {text!r} (hash {e.prompt.get('hash')})\n"
+                  f"{held_out_summary(e)}")
+        # the prompt's options come back with the tokens: Flux guidance, SDXL size options, the tuned pooled vector
+        return io.NodeOutput(to_conditioning(e.tokens, e.options, e.pooled), report, ui={"text": [report]})
 
 
 INVARIANT_NODES: list[type] = [NoiseQuerySeedInvariantPrompt, NoiseQueryLoadInvariantPrompt]

@@ -156,6 +156,13 @@ def comfy_nodes(comfy_path: Path, tiny_checkpoint: Path, comfy_packs: dict[str, 
 
 
 @pytest.fixture(scope="session")
+def nq_embeddings_dir(comfy_nodes: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The in-process ComfyUI's "noisequery_embeddings" folder (seed-invariant prompts), first in its list (the pack
+    registered the default one inside the ComfyUI checkout)."""
+    return comfy_harness.add_model_folder("noisequery_embeddings", tmp_path_factory.mktemp("embeddings_inproc"))
+
+
+@pytest.fixture(scope="session")
 def comfy_runner(comfy_nodes: ModuleType) -> comfy_harness.InProcessRunner:
     """Runs API-format graphs in-process through ComfyUI's validate_prompt + PromptExecutor."""
     return comfy_harness.InProcessRunner(comfy_nodes)

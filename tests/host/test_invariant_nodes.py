@@ -54,9 +54,8 @@ def loader_node(name: str) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def emb_dir(comfy_nodes: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The in-process ComfyUI's noisequery_embeddings folder (first in its list; the pack registered the default)."""
-    return comfy_harness.add_model_folder("noisequery_embeddings", tmp_path_factory.mktemp("embeddings_inproc"))
+def emb_dir(nq_embeddings_dir: Path) -> Path:
+    return nq_embeddings_dir
 
 
 @pytest.fixture(scope="module")
