@@ -115,8 +115,8 @@ def prompt_tokens(conditioning: Any, dim: int | None) -> tuple[torch.Tensor, dic
         raise SeedInvariantError(f"conditioning: tokens of shape {tuple(tokens.shape)}; expected [1, T, D] from one "
                                  f"prompt.")
     if dim is not None and tokens.shape[2] != dim:
-        raise SeedInvariantError(f"conditioning is {tokens.shape[2]} wide but the model's cross-attention takes {dim}: "
-                                 f"connect the CLIP of this checkpoint.")
+        raise SeedInvariantError(f"conditioning is {tokens.shape[2]} wide but the model's text conditioning takes "
+                                 f"{dim}: connect the CLIP of this checkpoint.")
     return tokens[0].detach().float().cpu(), dict(opts)
 
 
@@ -183,10 +183,10 @@ def run_optimisation(model: Any, vae: Any, conditioning: Any, images: torch.Tens
                          f"{held_out_summary(done)}"
     device = comfy.model_management.get_torch_device()
     encoded = encode_liked(vae, model, images)
-    # ComfyUI runs nodes under torch.inference_mode(); the optimisation needs autograd on normal tensors.
     # SDXL: the size embeddings sampling will add to this prompt's pooled vector (its options, else the image size)
     y_rest = _training.pooled_rest(model, pooled, width, height, opts, WHO, SeedInvariantError) \
         if pooled is not None else None
+    # ComfyUI runs nodes under torch.inference_mode(); the optimisation needs autograd on normal tensors.
     with torch.inference_mode(False), torch.enable_grad():
         latents = encoded.clone().to(device)
         predict, sigmas = make_predict_noise(model, y_rest=y_rest.clone().to(device) if y_rest is not None else None,

@@ -3,13 +3,13 @@ the resumable Adam state, and the loop's checkpoints on schedule, on a stop and 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 
 from noisequery_core.errors import Cancelled, NoiseQueryError
+from noisequery_core.exploration.invariant import InvariantSettings
 from noisequery_core.training import (
     AdamState,
     RunSettings,
@@ -20,29 +20,26 @@ from noisequery_core.training import (
 )
 
 
-@dataclass(frozen=True)
-class Demo(RunSettings):
-    FLOAT_SETTINGS = ("learning_rate", "weight")
-    iterations: int = 10
-    learning_rate: float = 0.1
-    weight: float = 1.0
-    t_min: int = 0
-    t_max: int = 999
-    seed: int = 0
-    checkpoint_every: int = 3
+def Demo(**kw: object) -> InvariantSettings:  # noqa: N802  (reads as the settings class it builds)
+    """A RunSettings subclass as the loops use them (the seed-invariant prompt's: floats learning_rate and
+    prompt_weight)."""
+    base: dict[str, object] = dict(iterations=10, learning_rate=0.1, prompt_weight=1.0, checkpoint_every=3)
+    base.update(kw)
+    return InvariantSettings(**base)  # type: ignore[arg-type]
 
 
 def test_settings_round_trip_and_same_run() -> None:
-    s = Demo(weight=2.0)
-    assert Demo.from_dict({**s.to_dict(), "unknown": 1}) == s
-    assert Demo.from_dict({}) == Demo()
+    s = Demo(prompt_weight=2.0)
+    assert isinstance(s, RunSettings)
+    assert InvariantSettings.from_dict({**s.to_dict(), "unknown": 1}) == s
+    assert InvariantSettings.from_dict({}) == InvariantSettings()
     # a resumed run may extend iterations and change checkpoint_every, nothing else
-    assert s.same_run(Demo(weight=2.0, iterations=50, checkpoint_every=1)) == []
-    assert s.same_run(Demo(weight=3.0, seed=4)) == ["weight 3.0 -> 2.0", "seed 4 -> 0"]
+    assert s.same_run(Demo(prompt_weight=2.0, iterations=50, checkpoint_every=1)) == []
+    assert s.same_run(Demo(prompt_weight=3.0, seed=4)) == ["prompt_weight 3.0 -> 2.0", "seed 4 -> 0"]
 
 
 @pytest.mark.parametrize("kw, words", [
-    (dict(weight=float("nan")), "weight is NaN"),
+    (dict(prompt_weight=float("nan")), "prompt_weight is NaN"),
     (dict(learning_rate=0.0), "learning_rate 0.0 must be > 0"),
     (dict(t_min=9, t_max=3), "timestep range 9..3"),
     (dict(t_max=1000), "t_max 1000 is past the model's last timestep 999"),
@@ -52,7 +49,7 @@ def test_common_problems_name_the_setting(kw: dict[str, object], words: str) -> 
     problems = Demo(**kw).common_problems(schedule_length=1000)  # type: ignore[arg-type]
     assert problems and words in problems[0], problems
     assert Demo().common_problems(schedule_length=1000) == []
-    assert Demo(weight=float("inf")).float_problems() == ["setting weight is +infinity"]
+    assert Demo(prompt_weight=float("inf")).float_problems() == ["setting prompt_weight is +infinity"]
 
 
 def test_iteration_generators_are_reproducible_and_independent() -> None:

@@ -185,6 +185,21 @@ def comfy_server(comfy_path: Path, tiny_checkpoint: Path, comfy_packs: dict[str,
         yield server
 
 
+@pytest.fixture(scope="session")
+def embeddings_server(comfy_path: Path, tiny_checkpoint: Path, comfy_packs: dict[str, Path],
+                      tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[comfy_harness.ComfyServer, Path]]:
+    """(server, its noisequery_embeddings folder): a headless ComfyUI for the seed-invariant prompt's POST /prompt
+    tests, with that folder in a temp dir (comfy_server has none, and the default one is inside the ComfyUI
+    checkout); stopped at session end."""
+    emb = tmp_path_factory.mktemp("embeddings_server")
+    server = comfy_harness.ComfyServer(
+        comfy_path, packs=comfy_packs,
+        model_dirs={"checkpoints": tiny_checkpoint.parent, "noisequery_embeddings": emb},
+        workdir=tmp_path_factory.mktemp("comfy_server_embeddings"))
+    with server:
+        yield server, emb
+
+
 @pytest.fixture(scope="session", params=comfy_harness.FRONTENDS)
 def frontend(request: pytest.FixtureRequest) -> comfy_harness.Frontend:
     """Each browser test runs once per frontend; "newest" skips (a failure in CI) when it was not downloaded."""

@@ -24,7 +24,8 @@ import nq_graphs as G
 import nq_training as T
 import pytest
 import torch
-from comfy_harness import ComfyServer, InProcessRunner
+from comfy_harness import InProcessRunner
+from test_invariant_nodes import invariant_node as sd_invariant_node
 
 pytestmark = pytest.mark.skipif(comfy_harness.find_comfyui() is None, reason=comfy_harness.SKIP_REASON)
 
@@ -38,13 +39,8 @@ LABELS = {"sd": "SD1.x/SD2.x", "sdxl": "SDXL", "sd3": "SD3/SD3.5", "flux": "Flux
 
 
 def invariant_node(name: str, *, iterations: int = ITERS, **overrides: Any) -> dict[str, Any]:
-    inputs: dict[str, Any] = {
-        "model": [FM.CKPT, 0], "vae": [FM.CKPT, 2], "conditioning": [FM.POS, 0], "image": ["42", 0], "name": name,
-        "iterations": iterations, "batch_size": 2, "learning_rate": 0.05, "prompt_weight": 0.01, "t_min": 0,
-        "t_max": 999, "seed": 3, "checkpoint_every": 2, "resume": True,
-    }
-    inputs.update(overrides)
-    return {"class_type": "NoiseQuerySeedInvariantPrompt", "inputs": inputs}
+    """The SD1.5 tests' node (same node ids: family_base keeps "1" and "2"), checkpointing every 2 iterations."""
+    return sd_invariant_node(name, iterations=iterations, **{"checkpoint_every": 2, **overrides})
 
 
 def graph(fam: FM.TinyFamily, node: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -215,23 +211,11 @@ def test_interrupted_sd3_run_resumes_to_the_uninterrupted_result(tiny_sd3: FM.Ti
 # --------------------------------------------------------------------------------------------- POST /prompt
 
 
-@pytest.fixture(scope="module")
-def fam_server(comfy_path: Path, tiny_checkpoint: Path, tiny_sd3: FM.TinyFamily, comfy_packs: dict[str, Path],
-               tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """A headless ComfyUI of this module's own with a temporary noisequery_embeddings folder (the tiny SD3 is
-    linked into the checkpoints folder first, so the server lists it)."""
-    emb = tmp_path_factory.mktemp("embeddings_family_server")
-    server = ComfyServer(comfy_path, packs=comfy_packs,
-                         model_dirs={"checkpoints": tiny_checkpoint.parent, "noisequery_embeddings": emb},
-                         workdir=tmp_path_factory.mktemp("comfy_server_invariant_family"))
-    with server:
-        yield server, emb
-
-
-def test_post_prompt_tunes_and_samples_on_sd3(fam_server: Any, tiny_sd3: FM.TinyFamily, tiny_ckpt_name: str) -> None:
+def test_post_prompt_tunes_and_samples_on_sd3(tiny_sd3: FM.TinyFamily, embeddings_server: Any,
+                                              tiny_ckpt_name: str) -> None:
     """SD3 through POST /prompt: liked render -> seed-invariant prompt -> a stock KSampler on another seed; then the
     Load node's conditioning samples too, and an SD1.5 model refuses the file."""
-    server, emb = fam_server
+    server, emb = embeddings_server
     g = graph(tiny_sd3, invariant_node("server/sd3", iterations=2))
     g.update(sample_with([NODE, 0], tiny_sd3))
     entry = T.ok(server.run(g, timeout=600))

@@ -18,7 +18,7 @@ import comfy_harness
 import nq_graphs as G
 import nq_training as T
 import pytest
-from comfy_harness import ComfyServer, InProcessRunner
+from comfy_harness import InProcessRunner
 
 pytestmark = pytest.mark.skipif(comfy_harness.find_comfyui() is None, reason=comfy_harness.SKIP_REASON)
 
@@ -207,19 +207,6 @@ def test_other_models_file_and_paths_outside_refused(tuned: dict[str, Any], comf
 # --------------------------------------------------------------------------------------------- POST /prompt
 
 
-@pytest.fixture(scope="module")
-def inv_server(comfy_path: Path, tiny_checkpoint: Path, comfy_packs: dict[str, Path],
-               tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """A headless ComfyUI of this module's own, so its noisequery_embeddings folder is a temp dir (the session server
-    has none, and the default one is inside the ComfyUI checkout)."""
-    emb = tmp_path_factory.mktemp("embeddings_server")
-    server = ComfyServer(comfy_path, packs=comfy_packs,
-                         model_dirs={"checkpoints": tiny_checkpoint.parent, "noisequery_embeddings": emb},
-                         workdir=tmp_path_factory.mktemp("comfy_server_invariant"))
-    with server:
-        yield server, emb
-
-
 def _example(ckpt: str, name: str, iterations: int, **overrides: Any) -> dict[str, Any]:
     g = json.loads(EXAMPLE.read_text(encoding="utf-8"))
     for node in g.values():
@@ -236,8 +223,8 @@ def _example(ckpt: str, name: str, iterations: int, **overrides: Any) -> dict[st
     return g
 
 
-def test_post_prompt_runs_the_example_and_resumes_after_interrupt(inv_server: Any, tiny_ckpt_name: str) -> None:
-    server, emb = inv_server
+def test_post_prompt_runs_the_example_and_resumes_after_interrupt(embeddings_server: Any, tiny_ckpt_name: str) -> None:
+    server, emb = embeddings_server
     info = server.object_info("NoiseQuerySeedInvariantPrompt")["NoiseQuerySeedInvariantPrompt"]
     assert info["output"] == ["CONDITIONING", "STRING", "IMAGE", "STRING"]
     for section in ("required", "optional"):
