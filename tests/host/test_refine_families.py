@@ -21,20 +21,13 @@ import nq_graphs as G
 import pytest
 import torch
 from comfy_harness import ComfyServer, InProcessRunner
+from test_refine_nodes import OUT, QRY, REF, _ok, refine_node
 
 pytestmark = pytest.mark.skipif(comfy_harness.find_comfyui() is None, reason=comfy_harness.SKIP_REASON)
 
-QRY, REF, REF0 = "20", "30", "35"
+REF0 = "35"
 BUDGET = 9  # the start and two rounds of 4
 IMAGE_ATOL = 2.0 / 255.0
-OUT = {"noise": 0, "latent": 1, "image": 2, "curve": 3, "history": 4, "score": 5, "report": 6}
-
-
-def _ok(entry: dict[str, Any]) -> dict[str, Any]:
-    assert "error" not in entry, f"graph refused: {json.dumps(entry)[:3000]}"
-    err = comfy_harness.execution_error(entry)
-    assert err is None, f"{err['node_type']} failed: {err.get('exception_message')}"
-    return entry
 
 
 def _library(spec: FM.FamilySpec) -> str:
@@ -53,18 +46,11 @@ def _build_graph(spec: FM.FamilySpec, ckpt_name: str) -> dict[str, Any]:
     return g
 
 
-def refine_node(spec: FM.FamilySpec, **overrides: Any) -> dict[str, Any]:
-    """The refine node on the family's model and conditioning, seeded by the query's hit, scored by its terms."""
-    inputs: dict[str, Any] = {
-        "model": [FM.CKPT, 0], "vae": [FM.CKPT, 2], "positive": [FM.POS, 0], "negative": [FM.NEG, 0],
-        "seed": [QRY, 0], "width": spec.size, "height": spec.size, "steps": 1, "cfg": spec.cfg,
-        "sampler_name": spec.sampler, "scheduler": spec.scheduler, "metric": "query terms", "query": [QRY, 5],
-        "query_weight": 1.0, "text": "", "clip_model": "ViT-B-32:openai", "clip_weight": 0.0,
-        "aesthetic_model": "none", "aesthetic_weight": 0.0, "budget": BUDGET, "batch": 4, "strength": 0.5,
-        "min_strength": 0.05, "search_seed": 0, "replay": "",
-    }
-    inputs.update(overrides)
-    return {"class_type": "NoiseQueryRefine", "inputs": inputs}
+def family_refine_node(spec: FM.FamilySpec, **overrides: Any) -> dict[str, Any]:
+    """The refine node on the family's model, conditioning and sampler (family_base's node ids are nq_graphs'),
+    seeded by the query's hit and scored by its terms."""
+    return refine_node([QRY, 0], query=[QRY, 5], width=spec.size, height=spec.size, steps=1, cfg=spec.cfg,
+                       sampler_name=spec.sampler, scheduler=spec.scheduler, **{"budget": BUDGET, **overrides})
 
 
 def refine_graph(spec: FM.FamilySpec, ckpt_name: str, **overrides: Any) -> dict[str, Any]:
@@ -72,7 +58,7 @@ def refine_graph(spec: FM.FamilySpec, ckpt_name: str, **overrides: Any) -> dict[
     library -> refine "30" (previewed by "31")."""
     g = FM.family_base(spec, ckpt_name)
     g[QRY] = G.color_query(_library(spec), color="", brightness=0.8, top_k=1, model=[FM.CKPT, 0])
-    g[REF] = refine_node(spec, **overrides)
+    g[REF] = family_refine_node(spec, **overrides)
     g["31"] = {"class_type": "PreviewImage", "inputs": {"images": [REF, 2]}}
     return g
 
@@ -101,7 +87,7 @@ def test_refine_on_family(tiny_family: FM.TinyFamily, comfy_runner: InProcessRun
     # One graph: the walk "30"; the same start at budget 1 "35" (candidate 0 alone); stock KSampler on the start
     # seed (nodes 400..403); SamplerCustomAdvanced with the walk's NOISE on an empty latent (nodes 61..65).
     g = refine_graph(spec, tiny_family.ckpt_name)
-    g[REF0] = refine_node(spec, budget=1)
+    g[REF0] = family_refine_node(spec, budget=1)
     g["36"] = {"class_type": "PreviewImage", "inputs": {"images": [REF0, 2]}}
     g.update(G.ksampler_image("40", [QRY, 0], steps=1, **_common(spec)))
     g["60"] = {"class_type": "EmptyLatentImage", "inputs": {"width": spec.size, "height": spec.size, "batch_size": 1}}
