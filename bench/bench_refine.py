@@ -238,7 +238,26 @@ def write_summary(results: dict[str, Any], budgets: list[int], a: Any, out: Path
     for s in summary:
         print(f"| {s['budget']} | {s['library_top1']:+.2f} | {s['best_of_n']:+.2f} | {s['refine_library']:+.2f} | "
               f"{s['refine_random']:+.2f} | {s['wins_refine_library']:.0%} | {s['wins_refine_random']:.0%} |")
-    print(f"\n(median z-scores over the library's renders; JSON: {out})")
+    print(f"\n(median z-scores over the library's renders; JSON: {out})\n")
+    print(per_target_table(results, budgets))
+
+
+def per_target_table(results: dict[str, Any], budgets: list[int]) -> str:
+    """Markdown: per target, the library top-1 and at each budget the medians of best-of-N / refine (library start)
+    / refine (random start) over that target's draws and walks, and whether refine (library start) beats best-of-N
+    on the medians at every budget >= 16."""
+    head = ["target", "library top-1"] + [f"{n}: best-of-N / refine (lib) / refine (rnd)" for n in budgets]
+    lines = ["| " + " | ".join(head + ["refine (lib) > best-of-N at every budget >= 16"]) + " |",
+             "| --- | " + " | ".join("---:" for _ in head[1:]) + " | :---: |"]
+    for name, r in results["targets"].items():
+        cells, beats = [], True
+        for i, n in enumerate(budgets):
+            med = [statistics.median(v[i] for v in r[key]) for key in ("best_of_n", "refine_library", "refine_random")]
+            cells.append(" / ".join(f"{m:+.2f}" for m in med))
+            if n >= 16 and not med[1] > med[0]:
+                beats = False
+        lines.append(f"| {name} | {r['library_top1']:+.2f} | " + " | ".join(cells) + f" | {'yes' if beats else 'no'} |")
+    return "\n".join(lines)
 
 
 def walk_picture(path: Path, query: Any, start_seed: int, budget: int, metric_mod: Any, refine_mod: Any, explore: Any,

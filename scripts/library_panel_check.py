@@ -5,8 +5,8 @@
                                                     [--clip-dir DIR]
 
 Against a real ComfyUI (tests/host/comfy_harness.py, tiny random SD1.5 checkpoint) and its page in headless
-Chromium (Debian's /usr/bin/chromium through playwright; nothing is downloaded), reusing the page helpers of
-scripts/make_ui_workflows.py:
+Chromium (Debian's /usr/bin/chromium through playwright; nothing is downloaded), driven by scripts/page_driver.py
+(server, page, Run button, verdict: shared with the other page checks):
 
 1. builds the library "panel/browse" (BuildNoiseLibrary through POST /prompt: 12 seeds, 64x64, 2 steps, CLIP
    ViT-B-32 with the RANDOM weights in --clip-dir/ViT-B-32/openai.safetensors, written there when missing) and
@@ -31,7 +31,6 @@ import json
 import re
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -41,9 +40,9 @@ sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT / "tests" / "host"))
 sys.path.insert(0, str(ROOT))
 
-import comfy_harness  # noqa: E402
-import make_ui_workflows as mk  # noqa: E402
 import nq_graphs as G  # noqa: E402
+import page_driver as pd  # noqa: E402
+from page_driver import comfy_harness, mk  # noqa: E402
 
 from noisequery_core import Library  # noqa: E402
 from noisequery_core.library.storage import encode_thumbnail  # noqa: E402
@@ -59,24 +58,7 @@ PREFIX = {"classic": "4", "nodes2": "14"}
 CODEC_TOL = 4.0
 
 
-def log(msg: str) -> None:
-    print(f"[library_panel_check {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def run_button(page: mk.Page, server: comfy_harness.ComfyServer, timeout: float = 300) -> dict[str, Any]:
-    known = set(server.history())
-    page.page.click(comfy_harness.RUN_BUTTON)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        new = set(server.history()) - known
-        if new:
-            return server.wait(new.pop(), timeout=timeout)
-        time.sleep(0.2)
-    raise SystemExit("Run queued nothing")
-
-
-def widget(page: mk.Page, node_id: int, name: str) -> Any:
-    return page.js("([i, n]) => app.graph.getNodeById(i).widgets.find(w => w.name === n)?.value", [node_id, name])
+log = pd.logger("library_panel_check")
 
 
 def hits(page: mk.Page) -> list[dict[str, Any]]:
@@ -119,14 +101,6 @@ def build_library(server: comfy_harness.ComfyServer, ckpt: str) -> None:
         raise SystemExit(f"BuildNoiseLibrary failed: {json.dumps(err)[:2000]}")
 
 
-class Failures(list):  # type: ignore[type-arg]
-    """Failures, each also logged when it happens (the order of the checks stays readable)."""
-
-    def append(self, item: str) -> None:
-        log(f"FAILED: {item}")
-        super().append(item)
-
-
 def check_renderer(page: mk.Page, server: comfy_harness.ComfyServer, libs: Path, ckpt: str, renderer: str,
                    failures: list[str], shots: Path | None) -> None:
     ok = lambda msg: log(f"{renderer}: {msg}")  # noqa: E731
@@ -167,7 +141,7 @@ def check_renderer(page: mk.Page, server: comfy_harness.ComfyServer, libs: Path,
     page.js("(i) => { const w = app.graph.getNodeById(i).widgets.find(w => w.name === 'control_after_generate');"
             " if (w) w.value = 'randomize'; }", KSAMPLER)
     page.page.locator(".nq-lib-hit img").nth(1).click()
-    seed, ctl = widget(page, KSAMPLER, "seed"), widget(page, KSAMPLER, "control_after_generate")
+    seed, ctl = pd.widget(page, KSAMPLER, "seed"), pd.widget(page, KSAMPLER, "control_after_generate")
     if str(seed) != shown[1]["seed"] or ctl != "fixed":
         failures.append(f"{renderer}: click on hit #1 (seed {shown[1]['seed']}) left KSampler seed {seed}, control {ctl}")
     else:
@@ -187,7 +161,7 @@ def check_renderer(page: mk.Page, server: comfy_harness.ComfyServer, libs: Path,
         pos = {"x": box[0], "y": box[1]}
     page.page.locator(".nq-lib-hit img").nth(2).drag_to(target, target_position=pos)
     page.settle(300)
-    seed = widget(page, KSAMPLER, "seed")
+    seed = pd.widget(page, KSAMPLER, "seed")
     if str(seed) != shown[2]["seed"]:
         failures.append(f"{renderer}: drag of hit #2 (seed {shown[2]['seed']}) onto the KSampler left seed {seed} "
                         f"(status {status(page)!r})")
@@ -219,7 +193,7 @@ def check_renderer(page: mk.Page, server: comfy_harness.ComfyServer, libs: Path,
     ok("'use this query' on hit #3 → NoiseQueryText(rank_offset 3) + NoiseQueryColor feeding the KSampler seed")
     if shots is not None and renderer == "classic":
         page.js("([r, z]) => __nq.fit(r, z)", [[420, 140, 1585, 990], 1.0])
-    entry = run_button(page, server)
+    entry = pd.run_button(page, server)
     err = comfy_harness.execution_error(entry)
     if err:
         failures.append(f"{renderer}: the queued workflow failed: {json.dumps(err)[:1500]}")
@@ -277,85 +251,32 @@ def check_example_upload(page: mk.Page, libs: Path, renderer: str, failures: lis
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--no-pictures", action="store_true", help="write the screenshots into the work folder, not docs/")
-    ap.add_argument("--workdir", type=Path, help="keep the checkpoint and server files here")
-    ap.add_argument("--front-end-root", type=Path, help="serve this frontend (static folder of an unzipped "
-                    "comfyui-frontend-package wheel) instead of the installed one")
+    pd.add_arguments(ap, "write the screenshots into the work folder, not docs/")
     ap.add_argument("--clip-dir", type=Path, help="the noisequery_clip folder (random ViT-B-32 weights are written "
                     "there when missing)")
     ap.add_argument("--renderers", default="classic,nodes2", help="comma-separated: classic, nodes2")
     args = ap.parse_args()
-    from playwright.sync_api import sync_playwright
-
-    comfy = comfy_harness.find_comfyui()
-    if comfy is None:
-        raise SystemExit(comfy_harness.SKIP_REASON)
-    work = args.workdir.resolve() if args.workdir else Path(tempfile.mkdtemp(prefix="nq_panel_ui_"))
-    models = work / "models"
-    ckpt = models / "checkpoints" / comfy_harness.TINY_CKPT_NAME
-    if not ckpt.is_file():
-        comfy_harness.make_tiny_sd15_checkpoint(ckpt, comfy)
-    clip_dir = args.clip_dir.resolve() if args.clip_dir else models / "noisequery_clip"
-    weights = clip_dir / "ViT-B-32" / "openai.safetensors"
-    if not weights.is_file():
-        comfy_harness.write_random_open_clip_weights(weights, "ViT-B-32", seed=0)
-    libs = models / "noise_libraries"
-    shutil.rmtree(libs / LIBRARY, ignore_errors=True)
-    libs.mkdir(parents=True, exist_ok=True)
-    problems: list[dict[str, str]] = []
-    failures: list[str] = Failures()
-    server = comfy_harness.ComfyServer(comfy, packs={"NoiseQuery": ROOT}, workdir=work / "server",
-                                       model_dirs={"checkpoints": ckpt.parent, "noise_libraries": libs,
-                                                   "noisequery_clip": clip_dir},
-                                       front_end_root=args.front_end_root, env={**__import__("os").environ,
-                                                                                "HF_HUB_OFFLINE": "1"})
-    want_frontend = comfy_harness.frontend_version(args.front_end_root)
-    shots = None if args.no_pictures else mk.DOCS
-    try:
-        with server:
-            sess = server._http()
-            for key, value in (("Comfy.TutorialCompleted", True), ("Comfy.Minimap.Visible", False),
-                               ("Comfy.Graph.CanvasInfo", False)):
-                sess.post(f"{server.url}/settings/{key}", data=json.dumps(value), timeout=30).raise_for_status()
-            t0 = time.perf_counter()
-            build_library(server, ckpt.name)
-            log(f"built {LIBRARY} ({len(SEEDS)} entries) in {time.perf_counter() - t0:.1f}s")
-            with sync_playwright() as pw:
-                browser = pw.chromium.launch(executable_path=mk.CHROMIUM, args=mk.CHROMIUM_FLAGS, headless=True)
-                page = mk.Page(browser, server.url, "panel", problems)
-                served = page.js("() => window.__COMFYUI_FRONTEND_VERSION__ ?? null")
-                log(f"frontend: the page runs comfyui-frontend-package {served}")
-                if want_frontend != "?" and served != want_frontend:
-                    failures.append(f"the page runs frontend {served}, not {want_frontend}")
-                for renderer in args.renderers.split(","):
-                    vue = renderer == "nodes2"
-                    page.js("(v) => app.extensionManager.setting.set('Comfy.VueNodes.Enabled', v)", vue)
-                    page.settle(500)
-                    check_renderer(page, server, libs, ckpt.name, renderer, failures,
-                                   shots if not args.no_pictures else work)
-                page.js("() => app.extensionManager.setting.set('Comfy.VueNodes.Enabled', false)")
-                page.close()
-                browser.close()
-    finally:
-        if not args.workdir:
-            shutil.rmtree(work, ignore_errors=True)
+    folders = {"noisequery_clip": args.clip_dir.resolve()} if args.clip_dir else {}
+    with pd.session(args, "nq_panel_ui_", log, model_dirs=folders, env={"HF_HUB_OFFLINE": "1"}) as s:
+        weights = s.server.model_dirs["noisequery_clip"] / "ViT-B-32" / "openai.safetensors"
+        if not weights.is_file():
+            comfy_harness.write_random_open_clip_weights(weights, "ViT-B-32", seed=0)
+        libs = s.server.model_dirs["noise_libraries"]
+        shutil.rmtree(libs / LIBRARY, ignore_errors=True)
+        t0 = time.perf_counter()
+        build_library(s.server, s.ckpt.name)
+        log(f"built {LIBRARY} ({len(SEEDS)} entries) in {time.perf_counter() - t0:.1f}s")
+        with pd.page(s, "panel") as page:
+            for renderer in args.renderers.split(","):
+                page.js("(v) => app.extensionManager.setting.set('Comfy.VueNodes.Enabled', v)", renderer == "nodes2")
+                page.settle(500)
+                check_renderer(page, s.server, libs, s.ckpt.name, renderer, s.failures, s.shots)
+            page.js("() => app.extensionManager.setting.set('Comfy.VueNodes.Enabled', false)")
     # Chromium cancels the pointer when an HTML5 drag starts; litegraph logs that as a warning and resets its
-    # pointer state (a user dragging a thumbnail gets it too): not a fault of the pack.
-    real = [p for p in problems if p["kind"] != "http-benign"
-            and not (p["kind"] == "console.warning" and p["text"].startswith("Pointer cancel!"))]
-    if args.front_end_root is not None:  # a newer frontend than the host's: its known complaints are not the pack's
-        # (its panel-layout warning also comes with a fractional percentage when the sidebar opens)
-        noise = [p for p in real if comfy_harness.newer_frontend_noise(f"{p['kind']}: {p['text']}")
-                 or re.match(r"WARNING: Invalid layout total size: [\d.]+%", p["text"])]
-        real = [p for p in real if p not in noise]
-        if noise:
-            print(f"{len(noise)} known newer-frontend complaints ignored")
-    for p in real:
-        print(f"page problem: [{p['page']}] {p['kind']}: {p['text']}")
-    for f in failures:
-        print("FAILED:", f)
-    print("OK" if not (failures or real) else "FAILED")
-    return 1 if failures or real else 0
+    # pointer state (a user dragging a thumbnail gets it too): not a fault of the pack. The newer frontend's
+    # panel-layout warning also comes with a fractional percentage when the sidebar opens.
+    return pd.verdict(s, benign=lambda p: p["kind"] == "console.warning" and p["text"].startswith("Pointer cancel!"),
+                      newer_benign=lambda p: bool(re.match(r"WARNING: Invalid layout total size: [\d.]+%", p["text"])))
 
 
 if __name__ == "__main__":

@@ -231,9 +231,10 @@ app.registerExtension({
       nodeType.prototype.onExecuted = function (message) {
         const result = onExecuted?.apply(this, arguments);
         const history = message?.noisequery_history?.[0];
+        // the run's history is a workflow change too: without it a tab switch restores the walk one pick short
         if (typeof history === "string") {
-          setWidget(this, "history", history);
-          setWidget(this, "pick", -1);
+          const changed = [setWidget(this, "history", history), setWidget(this, "pick", -1)];
+          if (changed.some(Boolean)) markChanged(this);
         }
         return result;
       };
