@@ -209,6 +209,24 @@ def _init_taesd(taesd: Any, gen: Any) -> None:
         taesd.vae_shift.fill_(0.0)
 
 
+def _optimiser_step(opt: Any, sched: Any, loss: Any, losses: list[float], what: str, total: int, t0: float,
+                    clip: Any = None) -> None:
+    """One Adam step (gradient norm clipped to 1 when clip holds the parameters), the loss kept, a log line per 25."""
+    import numpy as np
+    import torch
+
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(clip, 1.0)
+    opt.step()
+    sched.step()
+    losses.append(float(loss.detach()))
+    if len(losses) % 25 == 0:
+        log.info("%s step %d/%d loss %.4f (%.0f s)", what, len(losses), total, np.mean(losses[-25:]),
+                 time.perf_counter() - t0)
+
+
 def train_vae(cfg: TrainConfig, images: Any) -> tuple[Any, dict[str, float]]:
     """ComfyUI's TAESD trained as an autoencoder (L1 + MSE on 0..1 pixels); returns it (vae_scale / vae_shift set
     for SD15's latent format) and figures of the run."""
@@ -233,14 +251,7 @@ def train_vae(cfg: TrainConfig, images: Any) -> tuple[Any, dict[str, float]]:
             y = taesd.taesd_decoder(z)
         z, y = z.float(), y.float()
         loss = (y - x).abs().mean() + ((y - x) ** 2).mean() + 1e-3 * (z ** 2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(float(loss))
-        if len(losses) % 25 == 0:
-            log.info("VAE step %d/%d loss %.4f (%.0f s)", len(losses), cfg.vae_steps, np.mean(losses[-25:]),
-                     time.perf_counter() - t0)
+        _optimiser_step(opt, sched, loss, losses, "VAE", cfg.vae_steps, t0)
     with torch.no_grad():
         x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
         z = taesd.taesd_encoder(x)
@@ -314,15 +325,7 @@ def train_unet(cfg: TrainConfig, unet: Any, model_sampling: Any, latents: Any, c
         with _autocast(cfg):
             eps = unet(x_in, model_sampling.timestep(sigma).float(), context=contexts[cap])
         loss = ((eps.float() - noise) ** 2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(float(loss))
-        if len(losses) % 25 == 0:
-            log.info("UNet step %d/%d loss %.4f (%.0f s)", len(losses), cfg.unet_steps, np.mean(losses[-25:]),
-                     time.perf_counter() - t0)
+        _optimiser_step(opt, sched, loss, losses, "UNet", cfg.unet_steps, t0, clip=unet.parameters())
     return {"unet_seconds": time.perf_counter() - t0, "unet_loss_first": float(np.mean(losses[:10])),
             "unet_loss_last": float(np.mean(losses[-20:]))}
 
