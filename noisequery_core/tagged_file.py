@@ -99,3 +99,11 @@ def read_tagged(path: Path, fmt: TaggedFormat, required: Iterable[str] = ()) -> 
                           f"text encoding (|x| <= {MAX_ABS_VALUE:g}); the file is damaged or was not written by "
                           f"NoiseQuery. {fmt.redo}")
     return tensors, meta
+
+
+def meta_width(meta: dict[str, Any], key: str, path: Path, fmt: TaggedFormat) -> int:
+    """A width the metadata records (0 = none; e.g. the pooled part's), or ``fmt.error`` when it is not one."""
+    width = meta.get(key, 0)
+    if not isinstance(width, int) or isinstance(width, bool) or width < 0:
+        raise fmt.error(f"{path}: {key} {width!r} is not a width; the file's metadata is damaged.")
+    return width

@@ -46,7 +46,7 @@ import torch
 
 from ..checks import number_problem
 from ..errors import NoiseCLRError
-from ..tagged_file import TaggedFormat, read_tagged, write_tagged
+from ..tagged_file import TaggedFormat, meta_width, read_tagged, write_tagged
 
 # CHECKPOINT_SUFFIX and checkpoint_path_for are re-exported: scripts and hosts import them from here.
 from ..training import CHECKPOINT_SUFFIX as CHECKPOINT_SUFFIX
@@ -262,9 +262,7 @@ _FILE = TaggedFormat(
 
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors, meta = read_tagged(path, _FILE)
-    pooled_dim = meta.get("pooled_dim", 0)
-    if not isinstance(pooled_dim, int) or pooled_dim < 0:
-        raise NoiseCLRError(f"{path}: pooled_dim {pooled_dim!r} is not a width; the file's metadata is damaged.")
+    pooled_dim = meta_width(meta, "pooled_dim", path, _FILE)
     for name in ["directions", "empty"] + (["pooled", "empty_pooled"] if pooled_dim else []):
         if name not in tensors:
             raise NoiseCLRError(f"{path}: tensor {name!r} is missing; the file is damaged.")

@@ -48,7 +48,7 @@ import torch
 from ..errors import NoiseQueryError
 from ..imaging import loss_curve_picture
 from ..noise import batch_noise
-from ..tagged_file import TaggedFormat, read_tagged, write_tagged
+from ..tagged_file import TaggedFormat, meta_width, read_tagged, write_tagged
 from ..training import (
     AdamState,
     AddNoise,
@@ -232,9 +232,7 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         if t is None or t.dim() != 2 or not t.is_floating_point():
             raise SeedInvariantError(f"{path}: tensor {name!r} is missing or not a [T, D] float tensor; the file is "
                                      "damaged.")
-    pooled_dim = meta.get("pooled_dim", 0)
-    if not isinstance(pooled_dim, int) or isinstance(pooled_dim, bool) or pooled_dim < 0:
-        raise SeedInvariantError(f"{path}: pooled_dim {pooled_dim!r} is not a width; the file's metadata is damaged.")
+    pooled_dim = meta_width(meta, "pooled_dim", path, _FILE)
     if pooled_dim:
         for name in ("pooled", "original_pooled"):
             t = tensors.get(name)

@@ -180,6 +180,7 @@ def test_version_1_files_read_as_sd_without_pooled_part(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("change", "words"), [
     ({"pooled_dim": P}, "'pooled' is missing"),
     ({"pooled_dim": -1}, "pooled_dim -1 is not a width"),
+    ({"pooled_dim": True}, "pooled_dim True is not a width"),
     ({"family": 7}, "family 7 is not a name"),
     ({"family": "../x"}, "is not a family name"),
 ])
