@@ -7,13 +7,15 @@ architecture and key set (ComfyUI's CheckpointLoaderSimple loads it as SD15) wit
   * the VAE (ComfyUI's own comfy.taesd.taesd.TAESD, encoder + decoder) as an autoencoder on crops of
     scikit-image's bundled colour photographs, its vae_scale / vae_shift set so SD15's latent format
     (scale 0.18215) sees zero-mean, unit-variance latents;
-  * the UNet (ComfyUI's own UNetModel, comfy_harness._tiny_unet_config) with the eps objective on ComfyUI's own
-    SD15 model_sampling sigmas, on the VAE latents of PHOTOS (a few whole photographs, squared and resized),
-    conditioned on the checkpoint's own random, fixed CLIP-L: the shared caption SHARED_CAPTION part of the
-    time, each photo's own caption part of the time, the empty caption sometimes (for CFG).
+  * the UNet (ComfyUI's own UNetModel, comfy_harness._tiny_unet_config) with the eps objective, weighted toward
+    x0-space errors (TrainConfig.x0_weight_max), on ComfyUI's own SD15 model_sampling sigmas, on the VAE latents
+    of PHOTOS (a few whole photographs, squared and resized), conditioned on the checkpoint's own random, fixed
+    CLIP-L: the shared caption SHARED_CAPTION 30 % of the time, each photo's own caption 60 %, the empty caption
+    10 % (for CFG).
 
-With this few images the UNet largely memorises them: different seeds with SHARED_CAPTION render different
-photos, the situation the seed-invariant prompt is for (one seed gave the liked image; carry it to the others).
+With this few images the UNet memorises them: different seeds with SHARED_CAPTION render different photos, the
+situation the seed-invariant prompt is for (one seed gave the liked image; carry it to the others), and each own
+caption renders its photo at cfg 4 for most captions (measured: 20 of 28 caption x seed renders; cfg 1: 13 of 28).
 The CLIP-L weights are the random tiny checkpoint's (comfy_harness.tiny_sd15_state_dict, fixed seed).
 
 Deterministic on one machine (fixed seeds, fixed thread count, fp32); another CPU may differ in the last bits,
@@ -43,7 +45,7 @@ import comfy_harness
 log = logging.getLogger("noisequery.trained_tiny")
 
 TRAINED_CKPT_NAME = "tiny_sd15_trained.safetensors"
-MAKER_VERSION = 1  # bump when the training code changes what it writes (invalidates the cache)
+MAKER_VERSION = 2  # bump when the training code changes what it writes (invalidates the cache)
 SD15_LATENT_SCALE = 0.18215  # comfy.latent_formats.SD15.scale_factor
 SHARED_CAPTION = "a photo"
 # (skimage.data loader, caption): colour photographs with distinct palettes and layouts.
@@ -75,11 +77,15 @@ class TrainConfig:
     vae_lr: float = 5e-4
     vae_latent_noise: float = 0.1  # noise added to latents while training: the decoder must tolerate near misses
     # UNet
-    unet_steps: int = 150
+    unet_steps: int = 2000  # 150 renders photos by seed but ignores the captions; 2000 follows them at cfg 4
     unet_batch: int = 8
     unet_lr: float = 1.5e-3
-    p_shared: float = 0.45  # share of samples captioned SHARED_CAPTION
+    p_shared: float = 0.3  # share of samples captioned SHARED_CAPTION
     p_empty: float = 0.1  # share captioned "" (unconditional, for CFG); the rest get their photo's own caption
+    # The eps loss weighted by min(sigma^2, x0_weight_max) (x0-space MSE, capped) and normalised per batch; 0: plain
+    # eps. The plain eps loss scales x0 errors by 1/sigma^2, so at the high noise levels where only the caption can
+    # tell the photos apart it barely rewards listening to it (measured: 1200 plain steps followed 1 caption of 7).
+    x0_weight_max: float = 25.0
 
 
 DEFAULT_CONFIG = TrainConfig()
@@ -324,7 +330,12 @@ def train_unet(cfg: TrainConfig, unet: Any, model_sampling: Any, latents: Any, c
         x_in = model_sampling.calculate_input(sigma, xt)
         with _autocast(cfg):
             eps = unet(x_in, model_sampling.timestep(sigma).float(), context=contexts[cap])
-        loss = ((eps.float() - noise) ** 2).mean()
+        err = ((eps.float() - noise) ** 2).mean(dim=(1, 2, 3))
+        if cfg.x0_weight_max > 0:
+            w = (sigma ** 2).clamp(max=cfg.x0_weight_max)
+            loss = (err * w).sum() / w.sum()
+        else:
+            loss = err.mean()
         _optimiser_step(opt, sched, loss, losses, "UNet", cfg.unet_steps, t0, clip=unet.parameters())
     return {"unet_seconds": time.perf_counter() - t0, "unet_loss_first": float(np.mean(losses[:10])),
             "unet_loss_last": float(np.mean(losses[-20:]))}
