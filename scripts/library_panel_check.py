@@ -234,7 +234,7 @@ def check_example_upload(page: mk.Page, libs: Path, renderer: str, failures: lis
     page.page.locator(".nq-lib-example-file").set_input_files(str(libs / LIBRARY / "thumbs" / f"{want}.webp"))
     try:
         page.page.wait_for_function("(s) => document.querySelector('.nq-lib-hit')?.dataset.seed === s"
-                                    " && /example compared by CLIP \\+ colour layout/.test("
+                                    " && /example compared by CLIP \\+ colour layout \\+ palette/.test("
                                     "document.querySelector('.nq-lib-status')?.textContent ?? '')", arg=want, timeout=30_000)
     except Exception as exc:
         failures.append(f"{renderer}: uploaded seed {want}'s thumbnail as the example: first hits "

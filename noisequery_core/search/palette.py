@@ -138,6 +138,23 @@ def extract(rgb_u8: np.ndarray, region_masks: np.ndarray) -> tuple[np.ndarray, n
     return palette, out_shares
 
 
+def colours_of(palette_row: np.ndarray, shares_row: np.ndarray, min_share: float = 0.05) -> list[tuple[str, float]]:
+    """An image's palette as ('#RRGGBB', share of the region) pairs, largest first, those under ``min_share`` left out.
+
+    palette_row: uint16 [PALETTE_SIZE, 2] as ``extract`` writes it; shares_row: uint8 [PALETTE_SIZE] (one region's).
+    The colour is its code's cell centre (within 4/255 per channel of the cluster's centre).
+    """
+    out = []
+    for (code, _), share in zip(np.asarray(palette_row), np.asarray(shares_row)):
+        frac = float(share) / 255.0
+        if frac < min_share or frac <= 0.0:
+            continue
+        c = int(code)
+        levels = (c // (CODE_LEVELS * CODE_LEVELS), (c // CODE_LEVELS) % CODE_LEVELS, c % CODE_LEVELS)
+        out.append(("#" + "".join(f"{round((v + 0.5) * 255 / CODE_LEVELS):02x}" for v in levels), frac))
+    return sorted(out, key=lambda x: -x[1])
+
+
 def damaged_rows(palette_rows: np.ndarray, shares_rows: np.ndarray) -> np.ndarray:
     """bool [N]: rows whose codes are out of range or whose region shares do not sum to 1 (rounding allowed)."""
     pal = np.asarray(palette_rows)

@@ -32,7 +32,7 @@ from ..library.manifest import MANIFEST_NAME
 from ..library.storage import Library
 from . import color
 from .index import ClipSearcher, matvec
-from .terms import ScanColumns, Term, clip_terms, color_terms, layout_term, region_term, stat_term
+from .terms import ScanColumns, Term, clip_terms, color_terms, layout_term, palette_term, region_term, stat_term
 
 log = logging.getLogger("noisequery")
 
@@ -100,14 +100,21 @@ class Query:
     regions: tuple[RegionTarget, ...] = ()
     layout: np.ndarray | None = None  # uint8 [GRID, GRID, 3] layout of an example image
     layout_weight: float = 1.0
+    palette: tuple[tuple[str, float], ...] = ()  # (hex colour, proportion): an example image's colours, wherever they are
+    palette_weight: float = 1.0
     exclude_seeds: tuple[int, ...] = ()
     top_k: int = 10
     diversity: float = 0.0  # 0 = pure ranking; up to 1 = strongest MMR de-duplication
 
     def __post_init__(self) -> None:
-        _finite_numbers(self, "query ", ("text_weight", "negative_weight", "image_weight", "layout_weight", "diversity"))
+        _finite_numbers(self, "query ", ("text_weight", "negative_weight", "image_weight", "layout_weight",
+                                         "palette_weight", "diversity"))
         for hexcol, w in self.colors:
             finite(w, f"query colour {hexcol} weight", error=QueryError)
+        for hexcol, share in self.palette:
+            finite(share, f"query palette colour {hexcol} proportion", error=QueryError)
+            if share <= 0:
+                raise QueryError(f"query palette colour {hexcol} has proportion {share}; give proportions above 0.")
 
     @property
     def has_clip_terms(self) -> bool:
@@ -115,7 +122,7 @@ class Query:
 
     @property
     def has_color_terms(self) -> bool:
-        return bool(self.colors or self.stats or self.regions or self.layout is not None)
+        return bool(self.colors or self.stats or self.regions or self.layout is not None or self.palette)
 
 
 def _finite_numbers(obj: Any, prefix: str, names: Sequence[str]) -> None:
@@ -438,7 +445,7 @@ class Searcher:
         return combined, offset, scaled
 
     def _color_terms(self, query: Query) -> list[Term]:
-        """The query's colour-side terms, in order: colours, statistics, regions, layout."""
+        """The query's colour-side terms, in order: colours, statistics, regions, layout, palette."""
         if not query.has_color_terms:
             return []
         cols = self._columns()
@@ -447,6 +454,8 @@ class Searcher:
         terms += [region_term(cols, rt) for rt in query.regions]
         if query.layout is not None:
             terms.append(layout_term(self.library, query.layout, query.layout_weight))
+        if query.palette:
+            terms.append(palette_term(cols, query.palette, query.palette_weight))
         return terms
 
     def _ann_and_colour(self, cs: ClipSearcher, clip_vec: np.ndarray, clip_offset: float, ctot: np.ndarray, wide: int,

@@ -37,7 +37,7 @@ from ..imaging import to_rgb8
 from ..library.manifest import ClipIdentity
 from ..library.paths import list_libraries, resolve_library
 from ..library.storage import SEED_MAX, Library
-from . import color
+from . import color, palette
 from .clip import ShortTextEncoder
 from .colorspace import parse_hex_color
 from .query import Hit, Query, RegionTarget, Searcher, StatTarget, TextEncoder
@@ -60,6 +60,7 @@ EXAMPLE_SIDE_MAX = 16_384
 EXAMPLE_KEEP_SIDE = 512  # the kept copy's short side: CLIP sees 224 px, the colour analysis 256 px
 EXAMPLE_CACHE = 16  # uploaded examples kept (each ≤ ~1 MB); an older handle gets ExampleGoneError
 EXAMPLE_ID_LEN = 32  # hex digits of the SHA-256 of the uploaded bytes: the example's handle
+EXAMPLE_PALETTE_MIN_SHARE = 0.05  # an uploaded example's palette colours below this share of it are left out
 EXAMPLE_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 
 _QUERY_KEYS = {"library", "text", "negative_text", "text_weight", "negative_weight", "colors", "stats", "regions",
@@ -261,7 +262,8 @@ class ExampleGoneError(QueryError):
 
 @dataclass
 class Example:
-    """An uploaded example image, decoded and checked: a bounded RGB copy, its colour layout, CLIP embeddings."""
+    """An uploaded example image, decoded and checked: a bounded RGB copy, its colour layout and palette, CLIP
+    embeddings."""
 
     id: str
     image: Any  # PIL.Image.Image, 8-bit RGB, short side ≤ EXAMPLE_KEEP_SIDE
@@ -270,6 +272,7 @@ class Example:
     format: str
     layout: np.ndarray  # uint8 [GRID, GRID, 3]: the same colour analysis as every library entry
     embeddings: dict[ClipIdentity, np.ndarray]
+    palette: tuple[tuple[str, float], ...] = ()  # ('#RRGGBB', share of the whole image), largest first
 
 
 def decode_example(data: bytes) -> Example:
@@ -312,9 +315,10 @@ def decode_example(data: bytes) -> Example:
     if short > EXAMPLE_KEEP_SIDE:  # keep a bounded copy: the encoders downscale further anyway
         scale = EXAMPLE_KEEP_SIDE / short
         rgb = rgb.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.Resampling.BICUBIC)
-    layout = color.analyse([rgb]).layout[0]
+    feats = color.analyse([rgb])
+    pal = tuple(palette.colours_of(feats.palette[0], feats.palette_shares[0][0], EXAMPLE_PALETTE_MIN_SHARE))
     ident = hashlib.sha256(data).hexdigest()[:EXAMPLE_ID_LEN]
-    return Example(ident, rgb, width, height, fmt, layout, {})
+    return Example(ident, rgb, width, height, fmt, feats.layout[0], {}, pal)
 
 
 def encode_example_image(model: Any, image: Any) -> np.ndarray:
@@ -489,8 +493,10 @@ class LibraryService:
         return emb
 
     def _with_like_image(self, lib: Library, query: Query, like: LikeImage) -> tuple[Query, list[str]]:
-        """The example as a CLIP image target (library with CLIP) and as a colour layout target (current colour
-        features): the same two representations every library entry has. Returns the query and what was used."""
+        """The example as a CLIP image target (library with CLIP) and, with current colour features, as a colour
+        layout target (its colours where they are) and a palette target (its colours in its proportions, wherever
+        they are: a photo with the same colours arranged differently still matches), each at half the example's
+        weight so the colour side weighs as much as CLIP. Returns the query and what was used."""
         ex = self._example(like.id)
         used = []
         feats = lib.features
@@ -498,8 +504,11 @@ class LibraryService:
             query = replace(query, image_embedding=self._example_embedding(ex, feats.clip), image_weight=like.weight)
             used.append("clip")
         if feats.color_version == color.COLOR_VERSION:
-            query = replace(query, layout=ex.layout, layout_weight=like.weight)
+            query = replace(query, layout=ex.layout, layout_weight=like.weight / 2)
             used.append("colour")
+            if ex.palette:
+                query = replace(query, palette=ex.palette, palette_weight=like.weight / 2)
+                used.append("palette")
         return query, used
 
     # -- queries

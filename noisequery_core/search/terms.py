@@ -174,6 +174,16 @@ def color_terms(cols: ScanColumns, colors: Sequence[tuple[str, float]]) -> list[
     return [color_term(cols, hexcol, w) for hexcol, w in colors]
 
 
+def palette_term(cols: ScanColumns, colours: Sequence[tuple[str, float]], weight: float) -> ColorMixTerm:
+    """An example image's palette as one mix term named "palette": how much of each of its colours an image holds,
+    up to the example's proportion (a histogram intersection, palette.colour_mix_scores), wherever the colour is.
+    Raises QueryError for a malformed colour, no colours, or an older library."""
+    if not colours:
+        raise QueryError("The example's palette has no colours to compare.")
+    targets = [color.srgb_to_lab(color.parse_hex_color(h)) for h, _ in colours]
+    return ColorMixTerm("palette", float(weight), cols.palette_columns(), targets, [float(p) for _, p in colours])
+
+
 @dataclass(eq=False)
 class StatTargetTerm:
     """Closeness of a statistic to a target value: −|x − target|."""

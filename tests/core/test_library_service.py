@@ -161,13 +161,54 @@ def test_an_uploaded_image_finds_its_own_entry(tmp_path: Path, with_clip: bool) 
         assert (ex["width"], ex["height"], ex["format"]) == (96, 64, "PNG")
         got = svc.query({"library": "pics", "like_image": {"id": ex["id"]}, "limit": 5})
         assert got["hits"][0]["seed"] == str(10 + i), (i, got["hits"])
-        assert got["example_by"] == (["clip", "colour"] if with_clip else ["colour"])
+        assert got["example_by"] == (["clip", "colour", "palette"] if with_clip else ["colour", "palette"])
         assert ("image" in got["hits"][0]["terms"]) is with_clip and "layout" in got["hits"][0]["terms"]
+        assert "palette" in got["hits"][0]["terms"]
     # combined with another term, and embedded once per example and model (not again per page or keystroke)
     ex = svc.add_example(uploads[2])
     svc.query({"library": "pics", "like_image": {"id": ex["id"], "weight": 2}, "colors": [{"color": "#f0c020"}]})
     svc.query({"library": "pics", "like_image": {"id": ex["id"]}, "limit": 2, "offset": 2})
     assert enc.images == (5 if with_clip else 0)
+
+
+def test_an_uploaded_image_matches_its_colours_wherever_they_are(tmp_path: Path) -> None:
+    """The example's palette counts as well as its layout: uploading the mirror image of an entry (its two colours on
+    the other sides) ranks that entry, last by the layout alone, second — after the entry in the two colours' blend,
+    which the layout favours — ahead of the entries in other colours."""
+    red, blue = "#d02010", "#1040c0"
+
+    def halves(left: str, right: str) -> Image.Image:
+        im = Image.new("RGB", (96, 64), left)
+        im.paste(Image.new("RGB", (48, 64), right), (48, 0))
+        return im
+
+    pics = [halves(red, blue), Image.new("RGB", (96, 64), "#9f316b"),  # the Lab midpoint of red and blue
+            halves("#10a040", "#f0e0d0"), halves("#202020", "#f0c020")]
+    root = tmp_path / "noise_libraries"
+    feats = color.analyse(pics)
+    lib = Library.create(root / "pics", GenerationKey(model="m"), FeatureSet(clip=None, color_version=color.COLOR_VERSION))
+    with lib.writer(durable=False) as w:
+        w.append(np.arange(10, 10 + len(pics), dtype=np.uint64),
+                 {name: getattr(feats, name) for name, _, _ in color.COLUMNS_BY_VERSION[color.COLOR_VERSION]})
+    svc = LibraryService(lambda: [root])
+    buf = io.BytesIO()
+    halves(blue, red).save(buf, "PNG")
+    ex = svc.add_example(buf.getvalue())
+    kept = svc._example(ex["id"])
+    # the two colours (as their palette cells' centres, within 8/255 a channel), half of the image each
+    got_colours = sorted(kept.palette)
+    assert [round(share, 2) for _, share in got_colours] == [0.5, 0.5], kept.palette
+    for (hexcol, _), want in zip(got_colours, sorted([blue, red])):
+        assert np.abs(color.parse_hex_color(hexcol) - color.parse_hex_color(want)).max() <= 8 / 255, kept.palette
+    got = svc.query({"library": "pics", "like_image": {"id": ex["id"], "weight": 2}, "limit": 4})
+    assert got["example_by"] == ["colour", "palette"]
+    seeds = [h["seed"] for h in got["hits"]]
+    assert seeds[:2] == ["11", "10"], got["hits"]  # the blend (closest layout), then the mirror (same colours)
+    terms = got["hits"][1]["terms"]
+    assert terms["palette"]["raw"] > 0.95 and terms["layout"]["weighted"] < 0 < terms["palette"]["weighted"], terms
+    # by the layout alone the blend comes first and the mirrored entry last
+    by_layout = [h["seed"] for h in sorted(got["hits"], key=lambda h: -h["terms"]["layout"]["raw"])]
+    assert by_layout[0] == "11" and by_layout[-1] == "10", by_layout
 
 
 def test_bad_uploads_are_refused_with_a_reason(tmp_path: Path) -> None:

@@ -121,8 +121,8 @@ def _upload(server: ComfyServer, data: bytes, content_type: str = "image/webp") 
                                timeout=60)
 
 
-@pytest.mark.parametrize("lib,seeds,by", [pytest.param(CLIP_LIB, CLIP_SEEDS, ["clip", "colour"], id="clip"),
-                                          pytest.param(COLOUR_LIB, COLOUR_SEEDS, ["colour"], id="colour-only")])
+@pytest.mark.parametrize("lib,seeds,by", [pytest.param(CLIP_LIB, CLIP_SEEDS, ["clip", "colour", "palette"], id="clip"),
+                                          pytest.param(COLOUR_LIB, COLOUR_SEEDS, ["colour", "palette"], id="colour-only")])
 def test_like_an_uploaded_image(comfy_server: ComfyServer, libs: Path, lib: str, seeds: list[int], by: list[str]) -> None:
     # the entry's own thumbnail, uploaded as a user's file: the entry must come first
     for seed in (seeds[1], seeds[-1]):
@@ -136,6 +136,7 @@ def test_like_an_uploaded_image(comfy_server: ComfyServer, libs: Path, lib: str,
         got = r.json()
         assert got["hits"][0]["seed"] == str(seed), got["hits"]
         assert got["example_by"] == by and ("image" in got["hits"][0]["terms"]) is ("clip" in by)
+        assert "layout" in got["hits"][0]["terms"] and "palette" in got["hits"][0]["terms"]
     # combined with a colour term; the same bytes give the same handle
     assert _upload(comfy_server, data).json()["id"] == ex["id"]
     r = _post(comfy_server, {"library": lib, "like_image": {"id": ex["id"], "weight": 2}, "colors": [{"color": "#ff8800"}]})

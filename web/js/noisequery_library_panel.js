@@ -144,7 +144,8 @@ async function search(offset) {
     state.offset = offset + body.hits.length;
     state.lastQuery = q;
     renderHits(offset === 0, added);
-    const by = (body.example_by ?? []).map((b) => (b === "clip" ? "CLIP" : "colour layout")).join(" + ");
+    const byName = { clip: "CLIP", colour: "colour layout", palette: "palette" };
+    const by = (body.example_by ?? []).map((b) => byName[b] ?? b).join(" + ");
     setStatus(`${state.hits.length}${state.hasMore ? "+" : ""} of ${body.count} entries · ${body.elapsed_ms} ms`
       + (by ? ` · example compared by ${by}` : ""));
   } catch (err) {
