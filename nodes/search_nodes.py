@@ -75,6 +75,8 @@ def merge_queries(a: Query, b: Query | None) -> Query:
         regions=a.regions + b.regions,
         layout=a.layout if a.layout is not None else b.layout,
         layout_weight=a.layout_weight if a.layout is not None else b.layout_weight,
+        palette=a.palette or b.palette,
+        palette_weight=a.palette_weight if a.palette else b.palette_weight,
         exclude_seeds=a.exclude_seeds + b.exclude_seeds,
     )
 

@@ -19,7 +19,7 @@ from ..library.manifest import FeatureSet
 from ..library.storage import Library
 from ..search import color
 from ..search.query import Query
-from ..search.terms import ScanColumns, Term, color_terms, layout_term, region_term, stat_term
+from ..search.terms import ScanColumns, Term, colour_side_terms
 from .rank import clip_scores, embed_images
 from .refine import Metric, RefineError, ScoreParts
 
@@ -38,18 +38,13 @@ class RenderRows:
 
 
 def query_terms(query: Query, images: Sequence[Image.Image | np.ndarray]) -> list[Term]:
-    """The query's colour-side terms (colours, statistics, regions, layout), scoring ``images`` as rows 0..n-1.
+    """The query's colour-side terms (search/terms.colour_side_terms, as a Noise Query builds them), scoring
+    ``images`` as rows 0..n-1.
 
     Raises QueryError for a malformed part (as a Noise Query does).
     """
     rows = cast(Library, RenderRows(images))  # duck-typed: count, features, column(name)
-    cols = ScanColumns(rows)
-    terms: list[Term] = [*color_terms(cols, query.colors)]
-    terms += [stat_term(cols, st) for st in query.stats]
-    terms += [region_term(cols, rt) for rt in query.regions]
-    if query.layout is not None:
-        terms.append(layout_term(rows, query.layout, query.layout_weight))
-    return terms
+    return colour_side_terms(ScanColumns(rows), query)
 
 
 @dataclass(frozen=True)

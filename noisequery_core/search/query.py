@@ -32,7 +32,7 @@ from ..library.manifest import MANIFEST_NAME
 from ..library.storage import Library
 from . import color
 from .index import ClipSearcher, matvec
-from .terms import ScanColumns, Term, clip_terms, color_terms, layout_term, palette_term, region_term, stat_term
+from .terms import ScanColumns, Term, clip_terms, colour_side_terms
 
 log = logging.getLogger("noisequery")
 
@@ -448,15 +448,7 @@ class Searcher:
         """The query's colour-side terms, in order: colours, statistics, regions, layout, palette."""
         if not query.has_color_terms:
             return []
-        cols = self._columns()
-        terms: list[Term] = [*color_terms(cols, query.colors)]
-        terms += [stat_term(cols, st) for st in query.stats]
-        terms += [region_term(cols, rt) for rt in query.regions]
-        if query.layout is not None:
-            terms.append(layout_term(self.library, query.layout, query.layout_weight))
-        if query.palette:
-            terms.append(palette_term(cols, query.palette, query.palette_weight))
-        return terms
+        return colour_side_terms(self._columns(), query)
 
     def _ann_and_colour(self, cs: ClipSearcher, clip_vec: np.ndarray, clip_offset: float, ctot: np.ndarray, wide: int,
                         exclude: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

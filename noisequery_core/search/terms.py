@@ -292,3 +292,18 @@ def layout_term(library: Library, layout: np.ndarray, weight: float) -> LayoutTe
     if target.shape != (color.GRID * color.GRID, 3):
         raise QueryError(f"Layout must be a {color.GRID}×{color.GRID}×3 grid, got {np.asarray(layout).shape}.")
     return LayoutTerm("layout", float(weight), library, target)
+
+
+def colour_side_terms(cols: ScanColumns, query: Query) -> list[Term]:
+    """The query's colour-side terms, in order: colours, statistics, regions, layout, palette, scoring the rows of
+    ``cols.library`` (a library, or any rows with its columns: refine scores its renders so). Raises QueryError for
+    a malformed part or an older library."""
+    terms: list[Term] = [*color_terms(cols, query.colors)]
+    terms += [stat_term(cols, st) for st in query.stats]
+    terms += [region_term(cols, rt) for rt in query.regions]
+    if query.layout is not None:
+        terms.append(layout_term(cols.library, query.layout, query.layout_weight))
+    if query.palette:
+        terms.append(palette_term(cols, query.palette, query.palette_weight))
+    return terms
+
