@@ -629,14 +629,21 @@ def describe(lib: Library) -> dict[str, Any]:
 
 
 def _with_like(lib: Library, query: Query, like: Like, name: str) -> Query:
-    """'More like this': the entry's CLIP embedding as an example image, or its colour layout (colour-only)."""
+    """'More like this': the entry's CLIP embedding as an example image; in a colour-only library its colour layout
+    and (current colour features) its palette, half the weight each, as an uploaded example is compared."""
     row = int(lib.rows_of([like.seed])[0])
     if row < 0:
         raise _bad("like.seed", f"is {like.seed}, which is not an entry of library {name!r}")
     if lib.features.clip is not None:
         emb = np.asarray(lib.column("clip")[row], dtype=np.float32)
         return replace(query, image_embedding=emb, image_weight=like.weight)
-    return replace(query, layout=np.array(lib.column("layout")[row]), layout_weight=like.weight)
+    layout = np.array(lib.column("layout")[row])
+    if lib.features.color_version != color.COLOR_VERSION:
+        return replace(query, layout=layout, layout_weight=like.weight)
+    pal = palette.colours_of(lib.column("palette")[row], lib.column("palette_shares")[row][0], EXAMPLE_PALETTE_MIN_SHARE)
+    if not pal:
+        return replace(query, layout=layout, layout_weight=like.weight)
+    return replace(query, layout=layout, layout_weight=like.weight / 2, palette=tuple(pal), palette_weight=like.weight / 2)
 
 
 def _hit_json(hit: Hit, rank: int) -> dict[str, Any]:

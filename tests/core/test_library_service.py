@@ -171,34 +171,43 @@ def test_an_uploaded_image_finds_its_own_entry(tmp_path: Path, with_clip: bool) 
     assert enc.images == (5 if with_clip else 0)
 
 
-def test_an_uploaded_image_matches_its_colours_wherever_they_are(tmp_path: Path) -> None:
-    """The example's palette counts as well as its layout: uploading the mirror image of an entry (its two colours on
-    the other sides) ranks that entry, last by the layout alone, second — after the entry in the two colours' blend,
-    which the layout favours — ahead of the entries in other colours."""
-    red, blue = "#d02010", "#1040c0"
+RED, BLUE = "#d02010", "#1040c0"
 
-    def halves(left: str, right: str) -> Image.Image:
-        im = Image.new("RGB", (96, 64), left)
-        im.paste(Image.new("RGB", (48, 64), right), (48, 0))
-        return im
 
-    pics = [halves(red, blue), Image.new("RGB", (96, 64), "#9f316b"),  # the Lab midpoint of red and blue
-            halves("#10a040", "#f0e0d0"), halves("#202020", "#f0c020")]
-    root = tmp_path / "noise_libraries"
+def _halves(left: str, right: str) -> Image.Image:
+    im = Image.new("RGB", (96, 64), left)
+    im.paste(Image.new("RGB", (48, 64), right), (48, 0))
+    return im
+
+
+def _colour_library(root: Path, pics: list[Image.Image]) -> LibraryService:
+    """A colour-only library "pics" of ``pics`` (seeds 10, 11, …), features as a build computes them."""
     feats = color.analyse(pics)
     lib = Library.create(root / "pics", GenerationKey(model="m"), FeatureSet(clip=None, color_version=color.COLOR_VERSION))
     with lib.writer(durable=False) as w:
         w.append(np.arange(10, 10 + len(pics), dtype=np.uint64),
                  {name: getattr(feats, name) for name, _, _ in color.COLUMNS_BY_VERSION[color.COLOR_VERSION]})
-    svc = LibraryService(lambda: [root])
+    return LibraryService(lambda: [root])
+
+
+# the red|blue picture, a uniform picture in the Lab midpoint of red and blue, two pictures in other colours
+MIRROR_CASE = [_halves(RED, BLUE), Image.new("RGB", (96, 64), "#9f316b"), _halves("#10a040", "#f0e0d0"),
+               _halves("#202020", "#f0c020")]
+
+
+def test_an_uploaded_image_matches_its_colours_wherever_they_are(tmp_path: Path) -> None:
+    """The example's palette counts as well as its layout: uploading the mirror image of an entry (its two colours on
+    the other sides) ranks that entry, last by the layout alone, second — after the entry in the two colours' blend,
+    which the layout favours — ahead of the entries in other colours."""
+    svc = _colour_library(tmp_path / "noise_libraries", MIRROR_CASE)
     buf = io.BytesIO()
-    halves(blue, red).save(buf, "PNG")
+    _halves(BLUE, RED).save(buf, "PNG")
     ex = svc.add_example(buf.getvalue())
     kept = svc._example(ex["id"])
     # the two colours (as their palette cells' centres, within 8/255 a channel), half of the image each
     got_colours = sorted(kept.palette)
     assert [round(share, 2) for _, share in got_colours] == [0.5, 0.5], kept.palette
-    for (hexcol, _), want in zip(got_colours, sorted([blue, red])):
+    for (hexcol, _), want in zip(got_colours, sorted([BLUE, RED])):
         assert np.abs(color.parse_hex_color(hexcol) - color.parse_hex_color(want)).max() <= 8 / 255, kept.palette
     got = svc.query({"library": "pics", "like_image": {"id": ex["id"], "weight": 2}, "limit": 4})
     assert got["example_by"] == ["colour", "palette"]
@@ -209,6 +218,18 @@ def test_an_uploaded_image_matches_its_colours_wherever_they_are(tmp_path: Path)
     # by the layout alone the blend comes first and the mirrored entry last
     by_layout = [h["seed"] for h in sorted(got["hits"], key=lambda h: -h["terms"]["layout"]["raw"])]
     assert by_layout[0] == "11" and by_layout[-1] == "10", by_layout
+
+
+def test_more_like_a_hit_in_a_colour_only_library_also_matches_its_palette(tmp_path: Path) -> None:
+    """'More like this' on an entry of a colour-only library: itself first, then its mirror image (same colours on
+    the other sides: last by the layout alone) ahead of the entries in other colours."""
+    svc = _colour_library(tmp_path / "noise_libraries", [*MIRROR_CASE, _halves(BLUE, RED)])
+    got = svc.query({"library": "pics", "like": {"seed": 10}, "limit": 5})
+    seeds = [h["seed"] for h in got["hits"]]
+    assert seeds[0] == "10" and {"layout", "palette"} <= set(got["hits"][0]["terms"]), got["hits"]
+    assert seeds.index("14") < min(seeds.index("12"), seeds.index("13")), got["hits"]
+    by_layout = [h["seed"] for h in sorted(got["hits"], key=lambda h: -h["terms"]["layout"]["raw"])]
+    assert by_layout[-1] == "14", by_layout
 
 
 def test_bad_uploads_are_refused_with_a_reason(tmp_path: Path) -> None:

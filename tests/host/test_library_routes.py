@@ -102,7 +102,7 @@ def test_text_and_like_queries(comfy_server: ComfyServer, libs: Path) -> None:
     assert like["hits"][0]["seed"] == hits[1]["seed"] and "image" in like["hits"][0]["terms"]
     # colour-only library: like by colour layout works, text explains itself
     like = _post(comfy_server, {"library": COLOUR_LIB, "like": {"seed": COLOUR_SEEDS[1]}}).json()
-    assert like["hits"][0]["seed"] == str(COLOUR_SEEDS[1])
+    assert like["hits"][0]["seed"] == str(COLOUR_SEEDS[1]) and {"layout", "palette"} <= set(like["hits"][0]["terms"])
     r = _post(comfy_server, {"library": COLOUR_LIB, "text": "a cat"})
     assert r.status_code == 400 and "colour-only" in r.json()["error"]
 
