@@ -164,8 +164,9 @@ class NoiseQueryText(io.ComfyNode):
         return run_query(library, merge_queries(q, also), rank_offset, model)
 
 
-def _layout_of(image: torch.Tensor) -> np.ndarray:
-    return color.analyse([to_uint8(image[:1])[0]]).layout[0]
+def _example_of(image: torch.Tensor) -> tuple[np.ndarray, tuple[tuple[str, float], ...]]:
+    """(layout, palette) of the first image of a batch (search/color.example_targets)."""
+    return color.example_targets(to_uint8(image[:1])[0])
 
 
 class NoiseQueryColor(io.ComfyNode):
@@ -196,9 +197,11 @@ class NoiseQueryColor(io.ComfyNode):
                 io.String.Input("region_color", default="", tooltip="Colour of the region as #RRGGBB; empty to ignore."),
                 io.Float.Input("region_lightness", default=STAT_OFF, min=STAT_OFF, max=1.0, step=0.01, tooltip="Lightness of the region, 0 (black) .. 1 (white); -1 ignores it."),
                 io.Float.Input("region_weight", default=1.0, min=0.0, max=10.0, step=0.1, tooltip="Weight of the region terms."),
-                io.Image.Input("layout_image", optional=True, tooltip="Optional example image: its 8×8 colour layout becomes a target."),
+                io.Image.Input("layout_image", optional=True, tooltip="Optional example image: its 8×8 colour layout becomes a target (layout_weight), and its palette too when palette_weight is above 0."),
                 io.Float.Input("layout_weight", default=1.0, min=0.0, max=10.0, step=0.1, tooltip="Weight of the layout of layout_image."),
                 *_common_inputs(),
+                # last, so that workflows saved before it load their widget values unchanged (and, at 0, rank the same)
+                io.Float.Input("palette_weight", default=0.0, min=0.0, max=10.0, step=0.1, optional=True, tooltip="Weight of layout_image's palette: its colours in their proportions, wherever they are in the image (the library browser's 'upload image' uses the layout and the palette at equal weights). 0 ignores it."),
             ],
             outputs=_outputs(),
         )
@@ -214,7 +217,7 @@ class NoiseQueryColor(io.ComfyNode):
                         colorfulness: float | None = None, sharpness: float | None = None,
                         stats_weight: float | None = None, region_lightness: float | None = None,
                         region_weight: float | None = None, layout_weight: float | None = None,
-                        diversity: float | None = None) -> bool | str:
+                        diversity: float | None = None, palette_weight: float | None = None) -> bool | str:
         # the numbers are named so that NaN/inf are refused; numbers_problem re-applies their ranges
         bad = numbers_problem(cls, locals())
         if bad:
@@ -235,7 +238,7 @@ class NoiseQueryColor(io.ComfyNode):
                 colorfulness: float, sharpness: float, stats_weight: float, region: str, region_color: str,
                 region_lightness: float, region_weight: float, layout_weight: float, top_k: int, rank_offset: int,
                 diversity: float, exclude_seeds: str, layout_image: torch.Tensor | None = None, also: Query | None = None,
-                model: Any = None) -> io.NodeOutput:
+                model: Any = None, palette_weight: float = 0.0) -> io.NodeOutput:
         require_numbers(cls, locals())  # the arguments by name: linked values were not there to check at queue time
         stats = tuple(
             StatTarget(name, target=float(v), weight=stats_weight)
@@ -247,12 +250,15 @@ class NoiseQueryColor(io.ComfyNode):
         if region != "none" and (region_color.strip() or region_lightness > STAT_OFF):
             regions = (RegionTarget(region, color=region_color.strip() or None,
                                     lightness=region_lightness if region_lightness > STAT_OFF else None, weight=region_weight),)
+        layout, pal = _example_of(layout_image) if layout_image is not None else (None, ())
         q = Query(
             colors=((color.strip(), color_weight),) if color.strip() else (),
             stats=stats,
             regions=regions,
-            layout=_layout_of(layout_image) if layout_image is not None else None,
+            layout=layout,
             layout_weight=layout_weight,
+            palette=pal if palette_weight > 0 else (),
+            palette_weight=palette_weight,
             top_k=top_k,
             diversity=diversity,
             exclude_seeds=_parse_seeds(exclude_seeds),

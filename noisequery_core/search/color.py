@@ -223,3 +223,15 @@ def analyse(images: list[Image.Image | np.ndarray]) -> ColorFeatures:
         for name, dtype, shape in COLUMNS_BY_VERSION[COLOR_VERSION]
     }
     return ColorFeatures(**cols)
+
+
+EXAMPLE_PALETTE_MIN_SHARE = 0.05  # an example image's palette colours below this share of it are left out
+
+
+def example_targets(image: Image.Image | np.ndarray) -> tuple[np.ndarray, tuple[tuple[str, float], ...]]:
+    """An example image as query targets, analysed as a library entry is: (its uint8 [GRID, GRID, 3] colour layout,
+    its palette as ('#RRGGBB', share) pairs of at least EXAMPLE_PALETTE_MIN_SHARE, largest first)."""
+    feats = analyse([image])
+    colours = palette.colours_of(feats.palette[0], feats.palette_shares[0][0], EXAMPLE_PALETTE_MIN_SHARE)
+    return feats.layout[0], tuple(colours)
+

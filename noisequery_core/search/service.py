@@ -60,7 +60,6 @@ EXAMPLE_SIDE_MAX = 16_384
 EXAMPLE_KEEP_SIDE = 512  # the kept copy's short side: CLIP sees 224 px, the colour analysis 256 px
 EXAMPLE_CACHE = 16  # uploaded examples kept (each ≤ ~1 MB); an older handle gets ExampleGoneError
 EXAMPLE_ID_LEN = 32  # hex digits of the SHA-256 of the uploaded bytes: the example's handle
-EXAMPLE_PALETTE_MIN_SHARE = 0.05  # an uploaded example's palette colours below this share of it are left out
 EXAMPLE_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 
 _QUERY_KEYS = {"library", "text", "negative_text", "text_weight", "negative_weight", "colors", "stats", "regions",
@@ -315,10 +314,9 @@ def decode_example(data: bytes) -> Example:
     if short > EXAMPLE_KEEP_SIDE:  # keep a bounded copy: the encoders downscale further anyway
         scale = EXAMPLE_KEEP_SIDE / short
         rgb = rgb.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.Resampling.BICUBIC)
-    feats = color.analyse([rgb])
-    pal = tuple(palette.colours_of(feats.palette[0], feats.palette_shares[0][0], EXAMPLE_PALETTE_MIN_SHARE))
+    layout, pal = color.example_targets(rgb)
     ident = hashlib.sha256(data).hexdigest()[:EXAMPLE_ID_LEN]
-    return Example(ident, rgb, width, height, fmt, feats.layout[0], {}, pal)
+    return Example(ident, rgb, width, height, fmt, layout, {}, pal)
 
 
 def encode_example_image(model: Any, image: Any) -> np.ndarray:
@@ -640,7 +638,8 @@ def _with_like(lib: Library, query: Query, like: Like, name: str) -> Query:
     layout = np.array(lib.column("layout")[row])
     if lib.features.color_version != color.COLOR_VERSION:
         return replace(query, layout=layout, layout_weight=like.weight)
-    pal = palette.colours_of(lib.column("palette")[row], lib.column("palette_shares")[row][0], EXAMPLE_PALETTE_MIN_SHARE)
+    pal = palette.colours_of(lib.column("palette")[row], lib.column("palette_shares")[row][0],
+                              color.EXAMPLE_PALETTE_MIN_SHARE)
     if not pal:
         return replace(query, layout=layout, layout_weight=like.weight)
     return replace(query, layout=layout, layout_weight=like.weight / 2, palette=tuple(pal), palette_weight=like.weight / 2)

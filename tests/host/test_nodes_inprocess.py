@@ -164,6 +164,28 @@ def test_query_outputs_seed_noise_latent_thumbnails(comfy_nodes: ModuleType, com
             assert torch.equal(got[i], want), f"item {i}: noise differs from prepare_noise(seed {s})"
 
 
+def test_colour_query_by_an_example_image_and_its_palette(comfy_runner: InProcessRunner, tiny_ckpt_name: str,
+                                                           color_library: str) -> None:
+    """layout_image with palette_weight: the example's palette joins its layout (the library browser's "upload
+    image"); an entry's own thumbnail finds that entry first. A prompt written before palette_weight existed (the
+    input absent) still validates and ranks by the layout alone."""
+    graph = G.base(tiny_ckpt_name)
+    graph["20"] = G.color_query(color_library, top_k=1, rank_offset=2)  # some entry: its thumbnail is the example
+    graph["22"] = G.color_query(color_library, top_k=2, color="", layout_image=["20", 3], palette_weight=1.0)
+    graph["23"] = G.preview_thumbnails("22")
+    old = G.color_query(color_library, top_k=2, color="", layout_image=["20", 3])
+    assert "palette_weight" not in old["inputs"]
+    graph["24"], graph["25"] = old, G.preview_thumbnails("24")
+    _ok(comfy_runner.run(graph))
+    want = comfy_runner.node_outputs("20")[0]
+    seed, _, _, _, report, query = comfy_runner.node_outputs("22")
+    assert seed == want and "palette" in report and "layout" in report, report
+    assert query.palette and abs(sum(share for _, share in query.palette) - 1.0) < 0.1, query.palette
+    seed_old, _, _, _, report_old, query_old = comfy_runner.node_outputs("24")
+    assert seed_old == want and "layout" in report_old and "palette" not in report_old, report_old
+    assert query_old.palette == ()
+
+
 def test_noise_output_reproduces_ksampler_in_sampler_custom_advanced(
         comfy_runner: InProcessRunner, tiny_ckpt_name: str, color_library: str) -> None:
     q = G.color_query(color_library, top_k=2, rank_offset=0, color="#2040C0")
