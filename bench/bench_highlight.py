@@ -36,6 +36,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "host"))
 
+import nq_highlight as H  # noqa: E402  (tests/host: the shared random-model builder)
+
 STROKES = {"version": 1, "strokes": [
     {"phrase": "a cat", "width": 0.14, "points": [[0.12, 0.8], [0.22, 0.7], [0.34, 0.66], [0.44, 0.7]]},
     {"phrase": "a red ball", "width": 0.1, "points": [[0.72, 0.3], [0.8, 0.26], [0.84, 0.34], [0.76, 0.38]]}]}
@@ -44,10 +46,7 @@ PROMPT = "a cat and a red ball on a lawn, photo"
 
 def full_sd15_model(tiny_model):  # type: ignore[no-untyped-def]
     """A ModelPatcher around a full-size SD1.5 UNet with seeded random weights (ComfyUI's SD15 config)."""
-    import comfy.model_management as mm
-    import comfy.model_patcher
     import comfy.supported_models
-    import torch
 
     unet_config = {"use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
                    "adm_in_channels": None, "in_channels": 4, "out_channels": 4, "model_channels": 320,
@@ -56,43 +55,12 @@ def full_sd15_model(tiny_model):  # type: ignore[no-untyped-def]
                    "transformer_depth_middle": 1, "use_linear_in_transformer": False, "context_dim": 768,
                    "num_heads": 8, "num_head_channels": -1, "use_temporal_resblock": False,
                    "use_temporal_attention": False}
-    cfg = comfy.supported_models.SD15(unet_config)
-    cfg.set_inference_dtype(tiny_model.model.get_dtype(), None)
-    model = cfg.get_model({})
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.diffusion_model.named_parameters():
-            if p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=gen) * (1.0 / max(p[0].numel(), 1)) ** 0.5)
-            elif name.endswith("weight"):
-                p.fill_(1.0)
-            else:
-                p.zero_()
-    return comfy.model_patcher.ModelPatcher(model, mm.get_torch_device(), mm.unet_offload_device())
-
-
-def _randomize(module, seed: int) -> None:  # type: ignore[no-untyped-def]
-    import torch
-
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=gen) * (1.0 / max(p[0].numel(), 1)) ** 0.5)
-            elif name.endswith("scale") or name.endswith("weight"):
-                p.fill_(1.0)
-            else:
-                p.zero_()
-        for _name, b in module.named_buffers():  # MMDiT's pos_embed is allocated empty
-            if b.is_floating_point():
-                b.copy_(torch.randn(b.shape, generator=gen) * 0.1)
+    return H.random_model(comfy.supported_models.SD15(unet_config), 0, tiny_model.model.get_dtype())
 
 
 def joint_model(family: str, blocks: int, dtype):  # type: ignore[no-untyped-def]
     """A ModelPatcher around an SD3-medium-width MMDiT or a Flux-dev-width model with `blocks` blocks (per stream
     kind), seeded random weights, built from ComfyUI's own model classes."""
-    import comfy.model_management as mm
-    import comfy.model_patcher
     import comfy.supported_models
 
     if family == "sd3":
@@ -107,10 +75,7 @@ def joint_model(family: str, blocks: int, dtype):  # type: ignore[no-untyped-def
             "vec_in_dim": 768, "context_in_dim": 4096, "hidden_size": 3072, "mlp_ratio": 4.0, "num_heads": 24,
             "depth": blocks, "depth_single_blocks": blocks, "axes_dim": [16, 56, 56], "theta": 10000,
             "qkv_bias": True, "txt_ids_dims": []})
-    cfg.set_inference_dtype(dtype, None)
-    model = cfg.get_model({})
-    _randomize(model.diffusion_model, 0)
-    return comfy.model_patcher.ModelPatcher(model, mm.get_torch_device(), mm.unet_offload_device())
+    return H.random_model(cfg, 0, dtype)
 
 
 def joint_clip(family: str):  # type: ignore[no-untyped-def]

@@ -14,30 +14,18 @@ from typing import Any
 
 import comfy_harness
 import nq_graphs as G
+import nq_highlight as H
 import pytest
 import torch
 from comfy_harness import ComfyServer, InProcessRunner
 
 pytestmark = pytest.mark.skipif(comfy_harness.find_comfyui() is None, reason=comfy_harness.SKIP_REASON)
 
-PROMPT = "a cat and a red ball on a lawn"
 SIZE = 128  # 16 x 16 latent: 256 attention positions per cross-attention layer
-# A diagonal stroke for "a cat" whose soft region covers < 25 % of the image.
-CAT_STROKE = {"phrase": "a cat", "width": 0.16, "points": [[0.15, 0.78], [0.42, 0.62], [0.62, 0.45]]}
-
-
-def strokes(*items: dict[str, Any]) -> str:
-    return json.dumps({"version": 1, "strokes": list(items)})
 
 
 def guide_inputs(**overrides: Any) -> dict[str, Any]:
-    inputs: dict[str, Any] = {
-        "prompt": PROMPT, "highlights": strokes(CAT_STROKE), "width": SIZE, "height": SIZE, "strength": 1.0,
-        "start_percent": 0.0, "end_percent": 1.0, "schedule": "cosine", "edge_softness": 0.5,
-        "refocus_percent": 0.0, "refocus_iterations": 2, "refocus_step_size": 0.05,
-    }
-    inputs.update(overrides)
-    return inputs
+    return H.guide_inputs(**{"width": SIZE, "height": SIZE, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +140,7 @@ def test_strength_zero_is_bit_identical_to_plain_sampling(comfy_nodes: ModuleTyp
     model, clip, _ = loaded
     out = _run_guide(comfy_nodes, model, clip, strength=0.0)
     with torch.inference_mode():
-        plain_cond = comfy_nodes.CLIPTextEncode().encode(clip, PROMPT)[0]
+        plain_cond = comfy_nodes.CLIPTextEncode().encode(clip, H.PROMPT)[0]
     assert torch.equal(out.args[1][0][0], plain_cond[0][0])
     a = _sample(comfy_nodes, out.args[0], clip, out.args[1], steps=2)
     b = _sample(comfy_nodes, model, clip, plain_cond, steps=2)
@@ -182,9 +170,9 @@ def test_refocusing_lowers_the_attention_loss(comfy_nodes: ModuleType, loaded: t
 
 
 @pytest.mark.parametrize("overrides, words", [
-    ({"highlights": strokes({**CAT_STROKE, "phrase": "a dog"})}, "'a dog' is not in the prompt"),
+    ({"highlights": H.strokes({**H.CAT_STROKE, "phrase": "a dog"})}, "'a dog' is not in the prompt"),
     ({"highlights": ""}, "no highlights"),
-    ({"highlights": strokes()}, "no highlights"),
+    ({"highlights": H.strokes()}, "no highlights"),
 ])
 def test_bad_highlights_fail_clearly(overrides: dict[str, Any], words: str, comfy_nodes: ModuleType,
                                      loaded: tuple[Any, Any, Any]) -> None:
@@ -265,7 +253,7 @@ def test_bad_strokes_json_is_refused_over_http(comfy_server: ComfyServer, tiny_c
     details = json.dumps(body["node_errors"]["10"])
     assert "not valid JSON" in details
     missing = comfy_server.post_prompt(guide_graph(tiny_ckpt_name,
-                                                   highlights=strokes({**CAT_STROKE, "phrase": "a dog"})))
+                                                   highlights=H.strokes({**H.CAT_STROKE, "phrase": "a dog"})))
     assert isinstance(missing, str)
     entry = comfy_server.wait(missing, timeout=120)
     err = comfy_harness.execution_error(entry)
@@ -305,8 +293,6 @@ def test_example_workflows_run_over_http(name: str, comfy_server: ComfyServer, t
 def tiny_sdxl_model() -> Any:
     """A ModelPatcher around a 2-level SDXL-architecture UNet (context 2048, ADM 2816, linear transformer in/out)
     with seeded random weights, built from ComfyUI's own SDXL config (the harness has no SDXL checkpoint)."""
-    import comfy.model_management as mm
-    import comfy.model_patcher
     import comfy.supported_models
 
     unet_config = {"use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
@@ -315,17 +301,7 @@ def tiny_sdxl_model() -> Any:
                    "transformer_depth_middle": 1, "use_linear_in_transformer": True, "context_dim": 2048,
                    "adm_in_channels": 2816, "num_classes": "sequential", "use_temporal_resblock": False,
                    "use_temporal_attention": False}
-    cfg = comfy.supported_models.SDXL(unet_config)
-    cfg.set_inference_dtype(torch.float32, None)
-    model = cfg.get_model({})
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.diffusion_model.named_parameters():
-            if p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=gen) * (1.0 / max(p[0].numel(), 1)) ** 0.5)
-            else:
-                p.fill_(1.0 if name.endswith("weight") else 0.0)
-    return comfy.model_patcher.ModelPatcher(model, mm.get_torch_device(), mm.unet_offload_device())
+    return H.random_model(comfy.supported_models.SDXL(unet_config), 0)
 
 
 def test_sdxl_unet_is_guided_at_every_level(comfy_nodes: ModuleType, loaded: tuple[Any, Any, Any]) -> None:
@@ -371,14 +347,14 @@ def test_gligen_grounding_matches_comfyuis_textbox_node(comfy_nodes: ModuleType,
     # edge_softness 0: x 0.15..0.85 (round caps), y 0.45..0.55, plus the 0.35-cell anti-aliasing falloff of
     # stroke_map (>= 0.5 up to 0.41 cell further) -> cells x 4..27, y 14..17 of a 32 x 32 latent
     stroke = {"phrase": "a cat", "width": 0.1, "points": [[0.2, 0.5], [0.8, 0.5]]}
-    out = _run_guide(comfy_nodes, model, clip, highlights=strokes(stroke), width=256, height=256, edge_softness=0.0,
+    out = _run_guide(comfy_nodes, model, clip, highlights=H.strokes(stroke), width=256, height=256, edge_softness=0.0,
                      gligen=stand_in)
     kind, got_model, params = out.args[1][0][1]["gligen"]
     assert kind == "position" and got_model is stand_in and len(params) == 1
     pooled, h, w, y, x = params[0]
     assert (h, w, y, x) == (4, 24, 14, 4), (h, w, y, x)
     with torch.inference_mode():
-        plain = comfy_nodes.CLIPTextEncode().encode(clip, PROMPT)[0]
+        plain = comfy_nodes.CLIPTextEncode().encode(clip, H.PROMPT)[0]
         ref = comfy_nodes.GLIGENTextBoxApply().append(plain, clip, stand_in, "a cat", w * 8, h * 8, x * 8, y * 8)[0]
     r_pooled, *r_box = ref[0][1]["gligen"][2][0]
     assert list(r_box) == [h, w, y, x] and torch.equal(r_pooled, pooled)

@@ -20,64 +20,27 @@ be made small through ComfyUI's loader).
 """
 from __future__ import annotations
 
-import json
 from types import ModuleType
 from typing import Any
 
 import comfy_harness
 import family_models as FM
 import nq_graphs as G
+import nq_highlight as H
 import pytest
 import torch
 
 pytestmark = pytest.mark.skipif(comfy_harness.find_comfyui() is None, reason=comfy_harness.SKIP_REASON)
 
-PROMPT = "a cat and a red ball on a lawn"
 WIDTH, HEIGHT = 256, 192  # 4:3 -> latent 32 x 24 -> 16 x 12 image tokens (patch 2)
-CAT_STROKE = {"phrase": "a cat", "width": 0.16, "points": [[0.15, 0.78], [0.42, 0.62], [0.62, 0.45]]}
 SHAPE_KEY = "noisequery_highlight_shape"  # kept in sync with nodes/guidance_runtime.py
 
 
-def strokes(*items: dict[str, Any]) -> str:
-    return json.dumps({"version": 1, "strokes": list(items)})
-
-
 def guide_inputs(**overrides: Any) -> dict[str, Any]:
-    inputs: dict[str, Any] = {
-        "prompt": PROMPT, "highlights": strokes(CAT_STROKE), "width": WIDTH, "height": HEIGHT, "strength": 1.0,
-        "start_percent": 0.0, "end_percent": 1.0, "schedule": "cosine", "edge_softness": 0.5,
-        "refocus_percent": 0.0, "refocus_iterations": 2, "refocus_step_size": 0.05,
-    }
-    inputs.update(overrides)
-    return inputs
+    return H.guide_inputs(**{"width": WIDTH, "height": HEIGHT, **overrides})
 
 
 # ---------------------------------------------------------------------------------------- tiny models
-
-
-def _randomize(module: torch.nn.Module, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=gen) * (1.0 / max(p[0].numel(), 1)) ** 0.5)
-            elif name.endswith("scale") or name.endswith("weight"):
-                p.fill_(1.0)
-            else:
-                p.zero_()
-        for _name, b in module.named_buffers():  # MMDiT's pos_embed buffer is allocated empty (loaded from weights)
-            if b.is_floating_point():
-                b.copy_(torch.randn(b.shape, generator=gen) * 0.1)
-
-
-def _patcher(cfg: Any, seed: int) -> Any:
-    import comfy.model_management as mm
-    import comfy.model_patcher
-
-    cfg.set_inference_dtype(torch.float32, None)
-    model = cfg.get_model({})
-    _randomize(model.diffusion_model, seed)
-    return comfy.model_patcher.ModelPatcher(model, mm.get_torch_device(), mm.unet_offload_device())
 
 
 def tiny_flux() -> Any:
@@ -88,7 +51,7 @@ def tiny_flux() -> Any:
         "image_model": "flux", "guidance_embed": True, "in_channels": 16, "out_channels": 16, "patch_size": 2,
         "vec_in_dim": 768, "context_in_dim": 4096, "hidden_size": 64, "mlp_ratio": 4.0, "num_heads": 2, "depth": 2,
         "depth_single_blocks": 2, "axes_dim": [4, 14, 14], "theta": 10000, "qkv_bias": True, "txt_ids_dims": []})
-    return _patcher(cfg, 0)
+    return H.random_model(cfg, 0)
 
 
 def tiny_sd3() -> Any:
@@ -99,7 +62,7 @@ def tiny_sd3() -> Any:
         "in_channels": 16, "pos_embed_scaling_factor": None, "patch_size": 2, "depth": 2, "num_patches": 1024,
         "pos_embed_max_size": 32, "adm_in_channels": 2048, "out_channels": 16,
         "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 4096, "out_features": 128}}})
-    return _patcher(cfg, 1)
+    return H.random_model(cfg, 1)
 
 
 FAMILIES = ("sd3", "flux")
@@ -216,8 +179,8 @@ def test_phrase_tokens_are_found_in_t5_and_clip(family: str, comfy_nodes: Module
     cols = runtime.token_columns[0]
     t5_ids = clip.tokenizer.t5xxl.tokenizer("a cat")["input_ids"][:-1]  # without </s>
     t5 = list(range(len(t5_ids)))  # the prompt starts with the phrase; T5 has no start token
-    assert [int(t[0]) for t in clip.tokenize(PROMPT)["t5xxl"][0]][:len(t5)] == t5_ids
-    n_t5 = len(clip.tokenize(PROMPT)["t5xxl"][0])
+    assert [int(t[0]) for t in clip.tokenize(H.PROMPT)["t5xxl"][0]][:len(t5)] == t5_ids
+    n_t5 = len(clip.tokenize(H.PROMPT)["t5xxl"][0])
     if family == "flux":
         assert runtime.context_len == n_t5 and cols == t5, cols  # T5 only
     else:
@@ -282,7 +245,7 @@ def test_strength_zero_is_bit_identical_to_plain_sampling(family: str, comfy_nod
     model, clip = joint_models[family]
     out = _run_guide(comfy_nodes, model, clip, strength=0.0)
     with torch.inference_mode():
-        plain_cond = clip.encode_from_tokens_scheduled(clip.tokenize(PROMPT))
+        plain_cond = clip.encode_from_tokens_scheduled(clip.tokenize(H.PROMPT))
     assert torch.equal(out.args[1][0][0], plain_cond[0][0])
     a = _sample(comfy_nodes, out.args[0], clip, out.args[1], steps=2)
     b = _sample(comfy_nodes, model, clip, plain_cond, steps=2)
@@ -366,7 +329,7 @@ def test_unknown_text_layout_is_refused(comfy_nodes: ModuleType, joint_models: d
     with pytest.raises(Exception, match="300 tokens"):
         _run_guide(comfy_nodes, model, _OddClip(clip))
     with pytest.raises(Exception, match="'a dog' is not in the prompt"):
-        _run_guide(comfy_nodes, model, clip, highlights=strokes({**CAT_STROKE, "phrase": "a dog"}))
+        _run_guide(comfy_nodes, model, clip, highlights=H.strokes({**H.CAT_STROKE, "phrase": "a dog"}))
 
 
 # ---------------------------------------------------------------------------------------- family checkpoints
@@ -401,7 +364,7 @@ def guide_graph(fam: Any, *, seed: int = 1) -> dict[str, Any]:
     -> (FluxGuidance) -> KSampler -> VAEDecode -> PreviewImage ("t3")."""
     spec = fam.spec
     size = spec.size
-    g = FM.family_base(spec, fam.ckpt_name, positive=PROMPT, negative="")
+    g = FM.family_base(spec, fam.ckpt_name, positive=H.PROMPT, negative="")
     g["m0"] = {"class_type": "SolidMask", "inputs": {"value": 0.0, "width": size, "height": size}}
     g["m1"] = {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": size // 2, "height": size // 2}}
     g["m2"] = {"class_type": "MaskComposite", "inputs": {"destination": ["m0", 0], "source": ["m1", 0],
