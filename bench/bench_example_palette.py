@@ -80,13 +80,13 @@ def main(argv: list[str] | None = None) -> int:
             buf = io.BytesIO()
             Image.fromarray(np.ascontiguousarray(img)).save(buf, "PNG")
             ex = svc.add_example(buf.getvalue())
-            example = svc._example(ex["id"])
+            layout, pal = color.example_targets(img)  # what the upload was analysed into (PNG: the same pixels)
             n = min(lib.count, PAGE_MAX)  # ranks past one page count as PAGE_MAX + 1, for every query alike
             got = svc.query({"library": "crops", "like_image": {"id": ex["id"]}, "limit": n})
             both = [int(h["seed"]) for h in got["hits"]]
-            base = Query(layout=example.layout, layout_weight=1.0, top_k=n)
+            base = Query(layout=layout, layout_weight=1.0, top_k=n)
             layout_only = [h.seed for h in searcher.search(base)]
-            palette_only = [h.seed for h in searcher.search(replace(base, layout=None, palette=example.palette))]
+            palette_only = [h.seed for h in searcher.search(replace(base, layout=None, palette=pal))]
             for name, seeds in (("layout", layout_only), ("palette", palette_only), ("layout + palette", both)):
                 prec, first = measure(seeds, photo)
                 r = rows.setdefault(f"{name} | {view}", {"precision": [], "first": []})

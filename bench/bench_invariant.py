@@ -194,14 +194,18 @@ class Bench:
                                      .mean().sqrt()))
         return self.vae.decode(lat["samples"])[..., :3].float().cpu()
 
-    def loss(self, latent: Any, cond: Any) -> float:
+    def losses(self, latent: Any, conds: list[Any]) -> list[float]:
+        """The held-out loss of ``latent`` under each conditioning (or token tensor), one frozen-model forward made
+        for all of them (make_predict_noise clones the weights)."""
         import torch
 
-        tokens = self.mod.prompt_tokens(cond, None)[0] if not isinstance(cond, torch.Tensor) else cond
         with torch.inference_mode(False):
             predict, sigmas = self.mod.make_predict_noise(self.model)
-            return self.core.held_out_loss(latent.clone().to(self.dev), tokens, predict, sigmas, self.seeds,
-                                           self.timesteps)
+            lat = latent.clone().to(self.dev)
+            out = [self.core.held_out_loss(lat, c if isinstance(c, torch.Tensor) else self.mod.prompt_tokens(c, None)[0],
+                                           predict, sigmas, self.seeds, self.timesteps) for c in conds]
+            del predict
+        return out
 
     def distances(self, positive: Any, liked_u8: Any) -> tuple[list[Any], list[float], list[float]]:
         """Held-out seeds rendered with ``positive``: (uint8 images, colour distances, layout distances)."""
@@ -239,15 +243,17 @@ class Bench:
             per_step = statistics.median(b - a_ for a_, b in zip(stamps[1:], stamps[2:])) if len(stamps) > 3 \
                 else float("nan")
             latent = mod.encode_liked(self.vae, self.model, liked)
-            loss_before, loss_after = self.loss(latent, self.cond), self.loss(latent, e.tokens)
+            texts = list(self.references)
+            loss_before, loss_after, *ref_losses = self.losses(latent, [self.cond, e.tokens,
+                                                                        *(self.references[t] for t in texts)])
             tuned = mod.to_conditioning(e.tokens, dict(self.cond[0][1]))
             liked_u8 = self.glue.to_uint8(liked)[0]
             before_imgs, cb, lb = self.distances(self.cond, liked_u8)
             after_imgs, ca, la = self.distances(tuned, liked_u8)
             refs = []
-            for text, rc in self.references.items():
-                _, rcol, rlay = self.distances(rc, liked_u8)
-                refs.append({"prompt": text, "loss": self.loss(latent, rc), "colour": float(np.mean(rcol)),
+            for text, ref_loss in zip(texts, ref_losses):
+                _, rcol, rlay = self.distances(self.references[text], liked_u8)
+                refs.append({"prompt": text, "loss": ref_loss, "colour": float(np.mean(rcol)),
                              "layout": float(np.mean(rlay))})
         r: dict[str, Any] = {
             "liked_seed": liked_seed, "held_out_loss_before": loss_before, "held_out_loss_after": loss_after,

@@ -234,4 +234,3 @@ def example_targets(image: Image.Image | np.ndarray) -> tuple[np.ndarray, tuple[
     feats = analyse([image])
     colours = palette.colours_of(feats.palette[0], feats.palette_shares[0][0], EXAMPLE_PALETTE_MIN_SHARE)
     return feats.layout[0], tuple(colours)
-

@@ -502,11 +502,8 @@ class LibraryService:
             query = replace(query, image_embedding=self._example_embedding(ex, feats.clip), image_weight=like.weight)
             used.append("clip")
         if feats.color_version == color.COLOR_VERSION:
-            query = replace(query, layout=ex.layout, layout_weight=like.weight / 2)
-            used.append("colour")
-            if ex.palette:
-                query = replace(query, palette=ex.palette, palette_weight=like.weight / 2)
-                used.append("palette")
+            query = _with_colour_example(query, ex.layout, ex.palette, like.weight)
+            used += ["colour", "palette"] if ex.palette else ["colour"]
         return query, used
 
     # -- queries
@@ -636,13 +633,19 @@ def _with_like(lib: Library, query: Query, like: Like, name: str) -> Query:
         emb = np.asarray(lib.column("clip")[row], dtype=np.float32)
         return replace(query, image_embedding=emb, image_weight=like.weight)
     layout = np.array(lib.column("layout")[row])
-    if lib.features.color_version != color.COLOR_VERSION:
-        return replace(query, layout=layout, layout_weight=like.weight)
-    pal = palette.colours_of(lib.column("palette")[row], lib.column("palette_shares")[row][0],
-                              color.EXAMPLE_PALETTE_MIN_SHARE)
+    pal: tuple[tuple[str, float], ...] = ()
+    if lib.features.color_version == color.COLOR_VERSION:
+        pal = tuple(palette.colours_of(lib.column("palette")[row], lib.column("palette_shares")[row][0],
+                                       color.EXAMPLE_PALETTE_MIN_SHARE))
+    return _with_colour_example(query, layout, pal, like.weight)
+
+
+def _with_colour_example(query: Query, layout: np.ndarray, pal: tuple[tuple[str, float], ...], weight: float) -> Query:
+    """An example's colour layout and palette as targets, half of ``weight`` each (all of it to the layout when
+    there is no palette): the colour side of an example weighs as much as its CLIP side."""
     if not pal:
-        return replace(query, layout=layout, layout_weight=like.weight)
-    return replace(query, layout=layout, layout_weight=like.weight / 2, palette=tuple(pal), palette_weight=like.weight / 2)
+        return replace(query, layout=layout, layout_weight=weight)
+    return replace(query, layout=layout, layout_weight=weight / 2, palette=pal, palette_weight=weight / 2)
 
 
 def _hit_json(hit: Hit, rank: int) -> dict[str, Any]:

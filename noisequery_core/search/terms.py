@@ -306,4 +306,3 @@ def colour_side_terms(cols: ScanColumns, query: Query) -> list[Term]:
     if query.palette:
         terms.append(palette_term(cols, query.palette, query.palette_weight))
     return terms
-

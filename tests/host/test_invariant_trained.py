@@ -7,14 +7,13 @@ image's denoising loss on the node's held-out seeds drops. Also: the model is wh
 one's failings (its VAE round-trips photos, its sampler does not run away, the seed decides the photo).
 
 Measured on this machine (bench/bench_invariant.py, defaults, 8 liked seeds x 8 held-out seeds; bench/README.md):
-colour distance -53 % to -84 %, layout -53 % to -80 % for every liked seed; the liked seed used here, 1: loss -53 %,
+colour distance -62 % to -84 %, layout -53 % to -80 % for every liked seed; the liked seed used here, 1: loss -53 %,
 colour -84 %, layout -80 %. The asserted margins are 30 % (the issue's target), room for another CPU's last bits.
 
 First run on a machine trains the model (~6 min on 2 quiet cores), cached in ~/.cache/noisequery/trained_tiny.
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -29,7 +28,6 @@ from comfy_harness import InProcessRunner
 
 pytestmark = pytest.mark.skipif(comfy_harness.find_comfyui() is None, reason=comfy_harness.SKIP_REASON)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 LIKED_SEED = 1
 HELD_OUT = [10_000_000 + i for i in range(4)]  # KSampler seeds no training iteration drew
 STEPS, CFG, SIZE = 20, 4.0, 32  # the bench's renders: euler / normal, cfg 4 with the empty negative
@@ -88,7 +86,6 @@ def test_tuned_prompt_carries_the_liked_image_to_held_out_seeds(trained: str, co
     before, after = e.held_out["before"], e.held_out["after"]
     figures = (f"loss {before:.3f} -> {after:.3f}, colour {colour_before:.1f} -> {colour_after:.1f}, "
                f"layout {layout_before:.1f} -> {layout_after:.1f}")
-    print(figures, file=sys.stderr)
     assert after <= 0.7 * before, figures
     assert colour_after <= 0.7 * colour_before, figures
     assert layout_after <= 0.7 * layout_before, figures
